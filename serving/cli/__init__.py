@@ -1,0 +1,1 @@
+"""The `enclave` command-line tool (control plane). Builds Settings and calls services."""

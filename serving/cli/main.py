@@ -1,0 +1,27 @@
+"""The `enclave` command."""
+
+from __future__ import annotations
+
+import click
+
+from serving import __version__
+from serving.cli.keys import keys
+from serving.cli.models import models
+from serving.cli.up import engines, gateway, up
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="enclave")
+def cli() -> None:
+    """Enclave: vLLM engines behind one authenticated gateway."""
+
+
+cli.add_command(up)
+cli.add_command(gateway)
+cli.add_command(engines)
+cli.add_command(keys)
+cli.add_command(models)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,70 @@
+"""Running the gateway and the engine supervisor in one event loop, stopped by Ctrl-C/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from serving.engines.supervisor import Supervisor
+from serving.settings import Settings
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the caller owns shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def gateway_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, loop="none", http="httptools",
+        log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+        server_header=False, date_header=False, proxy_headers=False)
+    return _Server(config)
+
+
+async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | None,
+              on_ready: Callable[[], None] | None = None, ready_timeout_s: float = 900) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    if supervisor is not None:
+        await supervisor.start()
+    server = gateway_server(app, settings) if app is not None else None
+    tasks: list[asyncio.Task[object]] = []
+    if server is not None:
+        tasks.append(asyncio.create_task(server.serve()))
+
+    async def announce() -> None:
+        if supervisor is not None and not await supervisor.wait_healthy(ready_timeout_s):
+            return
+        while server is not None and not server.started:  # noqa: ASYNC110 (uvicorn has no event)
+            await asyncio.sleep(0.1)
+        if on_ready is not None:
+            on_ready()
+
+    announcer = asyncio.create_task(announce())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    announcer.cancel()
+    code = 0
+    if server is not None:
+        server.should_exit = True
+        for task in tasks:
+            with contextlib.suppress(Exception):
+                await task
+        if not stop.is_set():
+            code = 1  # the gateway stopped by itself (port in use, start-up failure)
+    if supervisor is not None:
+        await supervisor.stop()
+    stopper.cancel()
+    return code

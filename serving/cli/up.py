@@ -1,0 +1,140 @@
+"""`enclave up`, `enclave gateway`, `enclave engines ...`: bring the platform up."""
+
+from __future__ import annotations
+
+import shlex
+
+import click
+import uvloop
+
+from serving import logs
+from serving.cli import serve
+from serving.cli.common import console, fail, load_settings, stdout, with_keys
+from serving.cli.models import build_demo_model, ensure_engine_env
+from serving.engines.sources import resolve_model_dir
+from serving.engines.supervisor import Supervisor, WeightsError
+from serving.services.auth import IssuedKey, KeyService
+from serving.settings import Settings
+from serving.storage.manifests import ManifestError, load_manifests
+
+DEMO_KEY_NAME = "demo"
+
+
+def _supervisor(settings: Settings) -> Supervisor:
+    try:
+        manifests = load_manifests(settings.models_dir)
+    except ManifestError as exc:
+        fail(str(exc))
+    env = ensure_engine_env(settings)
+    if any(v.source.kind == "built" for m in manifests for v in m.versions):
+        build_demo_model(settings)
+    deployments = [d for m in manifests for d in m.deployments()]
+    sup = Supervisor(deployments, env,
+                     lambda d: resolve_model_dir(d, settings.cache_dir, env), settings.run_dir)
+    try:
+        sup.verify()
+    except WeightsError as exc:
+        fail(f"weights check failed: {exc}")
+    return sup
+
+
+def _gateway(settings: Settings):  # type: ignore[no-untyped-def]
+    from serving.app import create_app  # the CLI is the app factory's only importer
+
+    try:
+        return create_app(settings)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def _demo_key(settings: Settings) -> str:
+    async def rotate(svc: KeyService) -> IssuedKey:
+        await svc.revoke(DEMO_KEY_NAME)
+        return await svc.issue(DEMO_KEY_NAME)
+
+    return with_keys(settings, rotate).key
+
+
+def print_snippet(settings: Settings, key: str) -> None:
+    base = f"http://{settings.host}:{settings.port}/v1"
+    body = '{"model": "demo-chat", "messages": [{"role": "user", "content": "Hello"}], ' \
+           '"max_tokens": 32}'
+    stdout.print(f"""
+[bold green]Enclave is up.[/]
+  endpoint  {base}
+  models    demo-chat (chat, completions), minilm-embed (embeddings)
+  api key   {key}
+            (the "demo" key: shown once, replaced at the next `enclave up`;
+             make your own with `enclave keys create --name NAME`)
+
+[bold]curl[/]
+  curl {base}/chat/completions -H "Authorization: Bearer {key}" \\
+    -H "Content-Type: application/json" -d {shlex.quote(body)}
+
+[bold]openai SDK[/]
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key="{key}")
+  chat = client.chat.completions.create(
+      model="demo-chat", messages=[{{"role": "user", "content": "Hello"}}], max_tokens=32)
+  print(chat.choices[0].message.content)
+  emb = client.embeddings.create(model="minilm-embed", input="The cat sits on the mat.")
+  print(len(emb.data[0].embedding))
+
+Health: {base[:-3]}/readyz   Metrics: {base[:-3]}/metrics   Stop: Ctrl-C
+""", soft_wrap=True)
+
+
+@click.command()
+@click.option("--host", default=None, help="Gateway address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Gateway port (default 8000).")
+def up(host: str | None, port: int | None) -> None:
+    """Set up and run everything: engine environment, demo model, engines, gateway, a demo key."""
+    settings = load_settings(host=host, port=port)
+    logs.configure(settings.log_level)
+    if settings.ensure_pepper_file():
+        console.print(f"created a random pepper in {settings.default_pepper_file}")
+    supervisor = _supervisor(settings)
+    app = _gateway(settings)
+    key = _demo_key(settings)
+    console.print(f"starting {len(supervisor.engines)} engines (about a minute on a CPU); "
+                  f"engine logs in {settings.run_dir / 'logs'}")
+    code = uvloop.run(serve.run(settings, app, supervisor,
+                                on_ready=lambda: print_snippet(settings, key)))
+    raise SystemExit(code)
+
+
+@click.command()
+@click.option("--host", default=None)
+@click.option("--port", type=int, default=None)
+def gateway(host: str | None, port: int | None) -> None:
+    """Run the gateway only (engines are supervised elsewhere)."""
+    settings = load_settings(host=host, port=port)
+    logs.configure(settings.log_level)
+    app = _gateway(settings)
+    raise SystemExit(uvloop.run(serve.run(settings, app, None)))
+
+
+@click.group()
+def engines() -> None:
+    """The engine environment and the engine supervisor."""
+
+
+@engines.command("setup")
+def engines_setup() -> None:
+    """Create the engine environment (vLLM in its own virtualenv)."""
+    env = ensure_engine_env(load_settings())
+    console.print(f"engine environment ready: {env.root}")
+
+
+@engines.command("run")
+def engines_run() -> None:
+    """Run the engine supervisor only (no gateway)."""
+    settings = load_settings()
+    logs.configure(settings.log_level)
+    supervisor = _supervisor(settings)
+
+    def ready() -> None:
+        console.print("engines healthy: "
+                      + ", ".join(f"{e.name} {e.url}" for e in supervisor.engines))
+
+    raise SystemExit(uvloop.run(serve.run(settings, None, supervisor, on_ready=ready)))

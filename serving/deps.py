@@ -1,0 +1,48 @@
+"""Typed dependency aliases, in one place. Long-lived services live on ``app.state``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from serving.errors import AuthenticationFailed
+from serving.routes.middleware import context
+from serving.services.auth import KeyService
+from serving.services.auth import Principal as PrincipalT
+from serving.services.engines import EnginePool
+from serving.services.proxy import Upstream
+
+
+def key_service(request: Request) -> KeyService:
+    svc: KeyService = request.app.state.keys
+    return svc
+
+
+def engine_pool(request: Request) -> EnginePool:
+    pool: EnginePool = request.app.state.pool
+    return pool
+
+
+def upstream(request: Request) -> Upstream:
+    up: Upstream = request.app.state.upstream
+    return up
+
+
+async def authenticate(request: Request) -> PrincipalT:
+    header = request.headers.get("authorization")
+    if header is None:
+        raise AuthenticationFailed()
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise AuthenticationFailed()
+    principal = await key_service(request).verify(key.strip())
+    if principal is None:
+        raise AuthenticationFailed()
+    context(request.scope).key_id = principal.key_id
+    return principal
+
+
+Principal = Annotated[PrincipalT, Depends(authenticate)]
+Pool = Annotated[EnginePool, Depends(engine_pool)]
+UpstreamDep = Annotated[Upstream, Depends(upstream)]

@@ -1,0 +1,281 @@
+"""The engine supervisor: one vLLM OpenAI server per deployment, kept alive.
+
+For each deployment in the manifests it resolves and verifies the weights (sha256 pinned in the
+manifest), starts ``python -m vllm.entrypoints.openai.api_server`` from the engine environment on
+loopback with the manifest's arguments, waits for ``/health``, and restarts an engine that dies
+or never becomes healthy, with exponential backoff and a log line that says why. ``stop()`` ends
+them all: SIGTERM to each engine's process group, SIGKILL after a grace period.
+
+Each engine runs in its own session (process group), so a terminal's Ctrl-C reaches only the
+supervisor, which then stops engines in order; and an engine's worker processes die with it.
+The supervisor writes ``engines.json`` (pid, port, state, restarts per deployment) for the
+tools that need to map processes to deployments (the GPU exporter, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from serving.engines.environment import EngineEnvironment
+from serving.storage.manifests import Deployment
+
+log = logging.getLogger("enclave.supervisor")
+
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # an engine healthy this long has its backoff reset
+STOP_GRACE_S = 15.0
+# Environment for every engine: offline, and no usage statistics sent anywhere.
+ENGINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "VLLM_CONFIGURE_LOGGING": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class WeightsError(RuntimeError):
+    """Weights missing or not matching their pinned checksum."""
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def verify_weights(directory: Path, sha256: dict[str, str]) -> None:
+    if not directory.is_dir():
+        raise WeightsError(f"model directory {directory} does not exist")
+    for name, expected in sorted(sha256.items()):
+        path = directory / name
+        if not path.is_file():
+            raise WeightsError(f"{path} is missing")
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise WeightsError(f"{path}: sha256 {digest.hexdigest()} does not match the "
+                               f"manifest's {expected}")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    # If the supervisor is killed outright, its engines must not linger holding ports and RAM.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setsid()
+
+
+@dataclass
+class EngineProcess:
+    deployment: Deployment
+    model_dir: Path
+    host: str
+    log_path: Path
+    state: str = "stopped"  # starting | healthy | backoff | failed | stopped
+    pid: int | None = None
+    restarts: int = 0
+    last_exit: str | None = None
+    proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.deployment.name
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.deployment.port}"
+
+    def command(self, python: Path) -> list[str]:
+        engine = self.deployment.version.engine
+        return [
+            str(python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_dir),
+            "--served-model-name", self.deployment.model,
+            "--host", self.host, "--port", str(engine.port),
+            "--max-model-len", str(engine.max_model_len),
+            *engine.args,
+        ]
+
+
+class Supervisor:
+    def __init__(self, deployments: list[Deployment], env: EngineEnvironment,
+                 resolve_dir: Callable[[Deployment], Path], run_dir: Path,
+                 host: str = "127.0.0.1") -> None:
+        self.env = env
+        self.run_dir = run_dir
+        self.engines = [
+            EngineProcess(dep, resolve_dir(dep), host, run_dir / "logs" / f"{dep.name}.log")
+            for dep in deployments
+        ]
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "engines.json"
+
+    def verify(self) -> None:
+        for engine in self.engines:
+            verify_weights(engine.model_dir, engine.deployment.version.sha256)
+
+    async def start(self) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self._write_state()
+        self._tasks = [asyncio.create_task(self._keep_alive(e), name=f"engine-{e.name}")
+                       for e in self.engines]
+
+    async def wait_healthy(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(e.state == "healthy" for e in self.engines):
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await asyncio.gather(*(self._terminate(e) for e in self.engines))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._write_state()
+
+    async def _keep_alive(self, engine: EngineProcess) -> None:
+        backoff = BACKOFF_START_S
+        async with httpx.AsyncClient(trust_env=False) as client:
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                reason = await self._run_once(engine, client)
+                if self._stopping.is_set():
+                    return
+                if time.monotonic() - started > STABLE_AFTER_S:
+                    backoff = BACKOFF_START_S
+                engine.restarts += 1
+                engine.last_exit = reason
+                engine.state = "backoff"
+                self._write_state()
+                log.warning("engine stopped; restarting", extra={
+                    "engine": engine.name, "reason": reason, "restart_in_s": backoff,
+                    "restarts": engine.restarts, "log_file": str(engine.log_path)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _run_once(self, engine: EngineProcess, client: httpx.AsyncClient) -> str:
+        """Start the engine and return why it stopped being useful."""
+        env = {**os.environ, **ENGINE_ENV, **engine.deployment.version.engine.env}
+        env.pop("VIRTUAL_ENV", None)
+        engine.state = "starting"
+        with engine.log_path.open("ab") as logf:
+            engine.proc = await asyncio.create_subprocess_exec(
+                *engine.command(self.env.python), stdin=asyncio.subprocess.DEVNULL,
+                stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env,
+                preexec_fn=_die_with_parent)
+        engine.pid = engine.proc.pid
+        self._write_state()
+        log.info("engine starting", extra={"engine": engine.name, "pid": engine.pid,
+                                            "port": engine.deployment.port})
+        limit_s = engine.deployment.version.engine.startup_timeout_s
+        exited = asyncio.create_task(engine.proc.wait())
+        try:
+            if not await self._until_healthy(engine, client, exited, limit_s):
+                if exited.done():
+                    return f"{describe_exit(exited.result())} during start-up"
+                return f"not healthy after {limit_s:.0f} s"
+            engine.state = "healthy"
+            self._write_state()
+            log.info("engine healthy", extra={"engine": engine.name, "pid": engine.pid})
+            return await self._until_dead(engine, client, exited)
+        finally:
+            await self._kill_group(engine, exited)
+
+    async def _until_healthy(self, engine: EngineProcess, client: httpx.AsyncClient,
+                             exited: asyncio.Task[int], limit_s: float) -> bool:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline and not exited.done():
+            if await _healthy(client, engine.url):
+                return True
+            await asyncio.wait({exited}, timeout=0.5)
+        return False
+
+    async def _until_dead(self, engine: EngineProcess, client: httpx.AsyncClient,
+                          exited: asyncio.Task[int]) -> str:
+        failures = 0
+        while True:
+            await asyncio.wait({exited}, timeout=2.0)
+            if exited.done():
+                return describe_exit(exited.result())
+            if await _healthy(client, engine.url, limit_s=5.0):
+                failures = 0
+                continue
+            failures += 1
+            if failures >= 3:
+                return "stopped answering /health (3 checks in a row)"
+
+    async def _terminate(self, engine: EngineProcess) -> None:
+        proc = engine.proc
+        if proc is None or proc.returncode is not None:
+            engine.state = "stopped"
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("engine ignored SIGTERM; killing", extra={"engine": engine.name})
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        engine.state = "stopped"
+        log.info("engine stopped", extra={"engine": engine.name})
+
+    async def _kill_group(self, engine: EngineProcess, exited: asyncio.Task[int]) -> None:
+        """Leave no worker of a failed engine behind (they hold the port and memory)."""
+        proc = engine.proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(asyncio.CancelledError):
+            await exited
+        engine.pid = None
+
+    def _write_state(self) -> None:
+        state = {e.name: {"model": e.deployment.model, "version": e.deployment.version.name,
+                          "pid": e.pid, "port": e.deployment.port, "url": e.url,
+                          "state": e.state, "restarts": e.restarts, "last_exit": e.last_exit}
+                 for e in self.engines}
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.state_file)
+
+
+async def _healthy(client: httpx.AsyncClient, url: str, limit_s: float = 2.0) -> bool:
+    try:
+        resp = await client.get(f"{url}/health", timeout=limit_s)
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 200

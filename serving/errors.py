@@ -1,0 +1,100 @@
+"""The gateway's exception tree, each mapped once to an OpenAI-shaped error response.
+
+    GatewayError                      (500 internal_error)
+    ├── InvalidRequest                (400 invalid_request_error)
+    │   └── PayloadTooLarge           (413)
+    ├── AuthenticationFailed          (401 invalid_api_key)
+    ├── NotFound                      (404)
+    │   └── ModelNotFound             (404 model_not_found)
+    ├── EngineUnavailable             (503 + Retry-After)
+    ├── EngineTimeout                 (504)
+    └── EngineBadResponse             (502)
+
+Messages never contain a presented key, a prompt or any other request content.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def __init__(self, message: str = "Invalid or missing API key. Pass it as "
+                 "'Authorization: Bearer <key>'.") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class EngineUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "engine_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class EngineTimeout(GatewayError):
+    status = 504
+    type = "timeout_error"
+    code = "engine_timeout"
+
+
+class EngineBadResponse(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "bad_gateway"
+
+
+def error_body(message: str, type_: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_bytes(message: str, type_: str, param: str | None = None,
+                code: str | int | None = None) -> bytes:
+    return orjson.dumps(error_body(message, type_, param, code))

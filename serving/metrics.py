@@ -1,0 +1,39 @@
+"""The gateway's Prometheus metrics, in a registry of its own (one per app).
+
+Labels carry only bounded values: the route template, a manifest's model name (or ``unknown``),
+the status code. Never a key, a client secret or request text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "enclave_requests", "Requests by endpoint, model and HTTP status.",
+            ["endpoint", "model", "status"], registry=r)
+        self.latency = Histogram(
+            "enclave_request_duration_seconds", "Time from request to the last byte sent.",
+            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "enclave_time_to_first_token_seconds", "Time from request to the first streamed event.",
+            ["model"], buckets=TTFT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(
+            "enclave_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.completion_tokens = Counter(
+            "enclave_completion_tokens", "Completion tokens generated.", ["model"], registry=r)
+        self.in_flight = Gauge(
+            "enclave_requests_in_flight", "Requests being served now.", registry=r)
+        self.engine_up = Gauge(
+            "enclave_engine_up", "1 when the engine answers /health.", ["model", "deployment"],
+            registry=r)
+        self.client_disconnects = Counter(
+            "enclave_client_disconnects", "Requests the client abandoned before the end.",
+            ["endpoint", "model"], registry=r)

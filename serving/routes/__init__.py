@@ -1,0 +1,1 @@
+"""HTTP layer: middleware, routes and the error handlers. Calls services; holds no state."""

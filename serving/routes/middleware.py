@@ -1,0 +1,123 @@
+"""Pure ASGI middleware: request id, per-request context, access log line and metrics.
+
+Never buffers a body: it only watches ``http.response.start`` for the status and counts bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.logs import request_id_var
+from serving.metrics import GatewayMetrics
+from serving.services.context import RequestContext
+
+log = logging.getLogger("enclave.access")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CONTEXT_KEY = "enclave.ctx"
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+    "/v1/models": "models",
+    "/healthz": "healthz",
+    "/readyz": "readyz",
+    "/metrics": "metrics",
+}
+_QUIET = frozenset({"healthz", "readyz", "metrics"})
+
+
+def context(scope: Scope) -> RequestContext:
+    ctx: RequestContext = scope[CONTEXT_KEY]
+    return ctx
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, access_log: bool = True) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        ctx = RequestContext(request_id=request_id, started=time.perf_counter(),
+                             endpoint=ENDPOINTS.get(scope["path"], "other"))
+        scope[CONTEXT_KEY] = ctx
+        token = request_id_var.set(request_id)
+        status = 500
+        header_value = request_id.encode()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", header_value)]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.in_flight.dec()
+            self._record(scope, ctx, status)
+            request_id_var.reset(token)
+
+    def _record(self, scope: Scope, ctx: RequestContext, status: int) -> None:
+        elapsed = time.perf_counter() - ctx.started
+        model = ctx.model or ("unknown" if ctx.endpoint in ("chat", "completions", "embeddings")
+                              else "")
+        m = self.metrics
+        if ctx.endpoint not in _QUIET:
+            m.requests.labels(ctx.endpoint, model, str(status)).inc()
+            m.latency.labels(ctx.endpoint, model).observe(elapsed)
+        if ctx.model is not None:
+            if ctx.prompt_tokens:
+                m.prompt_tokens.labels(ctx.model).inc(ctx.prompt_tokens)
+            if ctx.completion_tokens:
+                m.completion_tokens.labels(ctx.model).inc(ctx.completion_tokens)
+            if ctx.ttft_s is not None:
+                m.ttft.labels(ctx.model).observe(ctx.ttft_s)
+            if ctx.client_disconnected:
+                m.client_disconnects.labels(ctx.endpoint, ctx.model).inc()
+        if self.access_log and ctx.endpoint not in _QUIET:
+            extra: dict[str, Any] = {
+                "method": scope["method"],
+                "path": scope["path"] if ctx.endpoint != "other" else "(unrouted)",
+                "endpoint": ctx.endpoint,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+            }
+            for name in ("key_id", "model", "engine", "prompt_tokens", "completion_tokens",
+                         "error_code"):
+                value = getattr(ctx, name)
+                if value is not None:
+                    extra[name] = value
+            if ctx.stream:
+                extra["stream"] = True
+            if ctx.ttft_s is not None:
+                extra["ttft_ms"] = round(ctx.ttft_s * 1000, 2)
+            if ctx.client_disconnected:
+                extra["client_disconnected"] = True
+            log.info("request", extra=extra)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            try:
+                candidate: str = value.decode("ascii")
+            except UnicodeDecodeError:
+                break
+            if _VALID_ID.match(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex

@@ -1,0 +1,37 @@
+"""Operational endpoints: liveness, readiness and Prometheus metrics. No authentication:
+they expose no request content, and ``/metrics`` carries only bounded labels.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serving.deps import Pool
+from serving.responses import JSONResponse
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(pool: Pool) -> JSONResponse:
+    engines = {e.name: {"model": e.deployment.model, "healthy": e.healthy,
+                        **({"error": e.last_error} if e.last_error else {})}
+               for e in pool.engines}
+    models = {name: any(e.healthy for e in route.engines) for name, route in pool.routes.items()}
+    ready = bool(models) and all(models.values())
+    return JSONResponse({"status": "ready" if ready else "not_ready", "models": models,
+                           "engines": engines}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request, pool: Pool) -> Response:
+    m = request.app.state.metrics
+    for engine in pool.engines:
+        m.engine_up.labels(engine.deployment.model, engine.name).set(1 if engine.healthy else 0)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,192 @@
+"""The ASGI response that talks to the engine and relays its answer.
+
+All upstream I/O happens inside ``__call__`` so the client's disconnect can be watched the whole
+time: when the client goes away (before or during the answer), the upstream response is closed,
+which closes the connection to vLLM, which aborts the request and frees its KV cache.
+Streams are forwarded event by event as they arrive, never buffered.
+"""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import orjson
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from serving.errors import EngineBadResponse, EngineTimeout, GatewayError, error_bytes
+from serving.services.context import RequestContext
+from serving.services.proxy import Upstream
+from serving.services.requests import PATHS, ParsedRequest
+from serving.services.sse import StreamAccountant, usage_from_body
+
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_MAX_UPSTREAM_ERROR_BODY = 64 * 1024
+
+
+async def send_error(send: Send, exc: GatewayError) -> None:
+    body = orjson.dumps(exc.body())
+    headers = [_JSON, (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RelayResponse(Response):
+    """A Starlette response (so FastAPI passes it through) that does its own sending."""
+
+    def __init__(self, upstream: Upstream, parsed: ParsedRequest, ctx: RequestContext) -> None:
+        super().__init__()
+        self.upstream = upstream
+        self.parsed = parsed
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        complete = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal complete
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                complete = True
+
+        async with anyio.create_task_group() as tg:
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await receive()
+                    # Servers also report a disconnect once the response is complete.
+                    if message["type"] == "http.disconnect":
+                        if not complete:
+                            self.ctx.client_disconnected = True
+                            tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_disconnect)
+            try:
+                await self._exchange(tracked_send)
+            except GatewayError as exc:
+                self.ctx.error_code = str(exc.code)
+                await send_error(tracked_send, exc)
+            tg.cancel_scope.cancel()
+
+    async def _exchange(self, send: Send) -> None:
+        p, ctx = self.parsed, self.ctx
+        engine, response = await self.upstream.open(
+            p.route, PATHS[p.endpoint], p.body, ctx.request_id)
+        ctx.engine = engine.name
+        engine.in_flight += 1
+        try:
+            if response.status_code != 200:
+                await self._relay_error(send, response)
+            elif p.stream:
+                await self._relay_stream(send, response)
+            else:
+                await self._relay_body(send, response)
+        except httpx.TimeoutException:
+            raise EngineTimeout(f"The engine for '{p.route.name}' stopped answering.") from None
+        except httpx.TransportError:
+            raise EngineBadResponse(
+                f"The engine for '{p.route.name}' closed the connection.") from None
+        finally:
+            engine.in_flight -= 1
+            # Shielded: when the client left, this scope is cancelled, and the close is what
+            # tells vLLM to abort.
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _relay_body(self, send: Send, response: httpx.Response) -> None:
+        body = await response.aread()
+        self.ctx.prompt_tokens, self.ctx.completion_tokens = usage_from_body(body)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [_JSON, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _relay_stream(self, send: Send, response: httpx.Response) -> None:
+        acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage)
+        started = False
+        try:
+            async for chunk in response.aiter_raw():
+                out = acct.feed(chunk)
+                if not out:
+                    continue
+                if not started:
+                    started = True
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": _SSE_HEADERS})
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            rest = acct.flush()
+            if not started:
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": _SSE_HEADERS})
+            await send({"type": "http.response.body", "body": rest, "more_body": False})
+        except (httpx.TimeoutException, httpx.TransportError):
+            if not started:
+                raise
+            # Headers are gone: end the stream with an OpenAI-style error event.
+            err = error_bytes("The engine stopped mid-stream.", "upstream_error",
+                              code="engine_stream_broken")
+            await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n",
+                        "more_body": False})
+        finally:
+            self.ctx.prompt_tokens = acct.prompt_tokens
+            self.ctx.completion_tokens = acct.completion_tokens
+            if acct.first_event_at is not None:
+                self.ctx.ttft_s = acct.first_event_at - self.ctx.started
+
+    async def _relay_error(self, send: Send, response: httpx.Response) -> None:
+        """Upstream 4xx passes through with its message; anything else becomes a 502."""
+        body = await _read_capped(response)
+        status = response.status_code
+        message = _upstream_message(body)
+        if 400 <= status < 500 and status not in (401, 403):
+            self.ctx.error_code = f"upstream_{status}"
+            if message is None:
+                body = error_bytes(f"The engine refused the request ({status}).",
+                                   "invalid_request_error", code=status)
+            else:
+                body = _normalise_error(body, status)
+            headers = [_JSON, (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        raise EngineBadResponse(
+            f"The engine for '{self.parsed.route.name}' failed ({status}).")
+
+
+async def _read_capped(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > _MAX_UPSTREAM_ERROR_BODY:
+            break
+    return b"".join(chunks)[:_MAX_UPSTREAM_ERROR_BODY]
+
+
+def _upstream_message(body: bytes) -> str | None:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(payload, dict):
+        err = payload.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        if isinstance(payload.get("message"), str):
+            return str(payload["message"])
+    return None
+
+
+def _normalise_error(body: bytes, status: int) -> bytes:
+    """vLLM's errors are OpenAI-shaped already; make sure all four fields are there."""
+    payload = orjson.loads(body)
+    err = payload.get("error") if isinstance(payload.get("error"), dict) else payload
+    return error_bytes(str(err.get("message")), str(err.get("type") or "invalid_request_error"),
+                       err.get("param") if isinstance(err.get("param"), str) else None,
+                       err.get("code") if err.get("code") is not None else status)

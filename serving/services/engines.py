@@ -1,0 +1,98 @@
+"""Which engine serves a model, and whether it is up.
+
+Built from the manifests: one engine per deployment (model version). A background task polls
+each engine's ``/health``; a request that fails to connect marks its engine down at once, so
+traffic never keeps flowing to a dead engine, and a healthy poll brings it back. Choosing an
+engine for a model is a weighted pick among its healthy versions (the manifest's traffic split).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+
+import httpx
+
+from serving.storage.manifests import Deployment, Manifest
+
+log = logging.getLogger("enclave.engines")
+
+
+@dataclass(slots=True)
+class EngineState:
+    deployment: Deployment
+    base_url: str
+    healthy: bool = False
+    last_error: str | None = None
+    in_flight: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.deployment.name
+
+
+@dataclass(slots=True)
+class ModelRoute:
+    name: str
+    task: str
+    max_model_len: int
+    engines: list[EngineState] = field(default_factory=list)
+
+    def pick(self) -> EngineState | None:
+        candidates = [e for e in self.engines if e.healthy and e.deployment.weight > 0]
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        weights = [e.deployment.weight for e in candidates]
+        return random.choices(candidates, weights=weights, k=1)[0]  # noqa: S311 (not crypto)
+
+
+class EnginePool:
+    def __init__(self, manifests: list[Manifest], engine_host: str = "127.0.0.1") -> None:
+        self.routes: dict[str, ModelRoute] = {}
+        self.engines: list[EngineState] = []
+        for manifest in manifests:
+            deps = manifest.deployments()
+            route = ModelRoute(
+                name=manifest.name, task=manifest.task,
+                max_model_len=max(d.version.engine.max_model_len for d in deps),
+            )
+            for dep in deps:
+                state = EngineState(dep, f"http://{engine_host}:{dep.port}")
+                route.engines.append(state)
+                self.engines.append(state)
+            self.routes[manifest.name] = route
+
+    def route(self, model: str) -> ModelRoute | None:
+        return self.routes.get(model)
+
+    def mark_down(self, engine: EngineState, reason: str) -> None:
+        if engine.healthy:
+            log.warning("engine marked down", extra={"engine": engine.name, "reason": reason})
+        engine.healthy = False
+        engine.last_error = reason
+
+    async def check(self, client: httpx.AsyncClient, engine: EngineState) -> None:
+        try:
+            resp = await client.get(f"{engine.base_url}/health", timeout=1.0)
+            ok = resp.status_code == 200
+            reason = None if ok else f"/health answered {resp.status_code}"
+        except httpx.HTTPError as exc:
+            ok, reason = False, f"{type(exc).__name__}"
+        if ok and not engine.healthy:
+            log.info("engine up", extra={"engine": engine.name})
+        elif not ok and engine.healthy:
+            log.warning("engine down", extra={"engine": engine.name, "reason": reason})
+        engine.healthy = ok
+        engine.last_error = reason
+
+    async def check_all(self, client: httpx.AsyncClient) -> None:
+        await asyncio.gather(*(self.check(client, e) for e in self.engines))
+
+    async def watch(self, client: httpx.AsyncClient, interval_s: float) -> None:
+        while True:
+            await self.check_all(client)
+            await asyncio.sleep(interval_s)

@@ -1,0 +1,154 @@
+"""The one settings object: read from the environment (``ENCLAVE_*``) when the CLI builds it.
+
+Nothing here runs at import time. Unsafe values are refused when the object is built, with a
+message that says how to fix them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values people paste from tutorials. A pepper equal to one of these protects nothing.
+KNOWN_DEFAULT_PEPPERS = frozenset(
+    {"", "changeme", "change-me", "secret", "pepper", "password", "dev", "dev-pepper", "enclave",
+     "test", "default", "insecure", "xxx"}
+)
+MIN_PEPPER_LENGTH = 32
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "enclave"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "enclave"
+
+
+def _default_models_dir() -> Path:
+    # The repository's models/ when running from a checkout; otherwise ./models.
+    here = Path(__file__).resolve().parent.parent / "models"
+    return here if here.is_dir() else Path("models")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENCLAVE_", extra="ignore")
+
+    dev_mode: bool = Field(False, description="Relaxes start-up checks; never in production.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    models_dir: Path = Field(default_factory=_default_models_dir)
+    database_url: str | None = None
+
+    pepper: SecretStr | None = None
+    pepper_file: Path | None = None
+
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    upstream_connect_timeout_s: float = Field(2.0, gt=0)
+    upstream_read_timeout_s: float = Field(120.0, gt=0)
+    upstream_connect_retries: int = Field(2, ge=0, le=10)
+    retry_after_s: int = Field(5, ge=1)
+    engine_health_interval_s: float = Field(1.0, gt=0)
+    key_cache_ttl_s: float = Field(2.0, ge=0)
+    allow_remote_engines: bool = Field(
+        False, description="Allow engine URLs outside loopback and private ranges."
+    )
+    log_level: str = "INFO"
+    access_log: bool = True
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.pepper is not None and self.pepper_file is not None:
+            raise ValueError("set ENCLAVE_PEPPER or ENCLAVE_PEPPER_FILE, not both")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'enclave.db'}"
+
+    @property
+    def default_pepper_file(self) -> Path:
+        return self.data_dir / "pepper"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def engine_env_dir(self) -> Path:
+        return self.cache_dir / "engine-venv"
+
+    def ensure_pepper_file(self) -> bool:
+        """Create a random pepper in the data directory if none is configured. True if created."""
+        if self.pepper is not None or self.pepper_file is not None:
+            return False
+        path = self.default_pepper_file
+        if path.exists():
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        return True
+
+    def load_pepper(self) -> bytes:
+        """Return the server pepper, refusing a missing or known-default one (outside dev mode)."""
+        pepper_file = self.pepper_file
+        if pepper_file is None and self.pepper is None and self.default_pepper_file.exists():
+            pepper_file = self.default_pepper_file
+        if pepper_file is not None:
+            try:
+                mode = pepper_file.stat().st_mode
+                value = pepper_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(
+                    f"cannot read the pepper file {pepper_file}: {exc.strerror}"
+                ) from None
+            if mode & 0o077 and not self.dev_mode:
+                raise ValueError(
+                    f"the pepper file {pepper_file} is readable by other users; "
+                    f"run `chmod 600 {pepper_file}`"
+                )
+        elif self.pepper is not None:
+            value = self.pepper.get_secret_value().strip()
+        else:
+            raise ValueError(
+                f"no pepper: create {self.default_pepper_file} (`enclave up` does), set "
+                "ENCLAVE_PEPPER_FILE to a file holding a random secret "
+                "(e.g. `openssl rand -hex 32 > pepper && chmod 600 pepper`) or ENCLAVE_PEPPER"
+            )
+        if not self.dev_mode:
+            if value.lower() in KNOWN_DEFAULT_PEPPERS:
+                raise ValueError(
+                    "the pepper is a known default value; generate a random one "
+                    "(`openssl rand -hex 32`)"
+                )
+            if len(value) < MIN_PEPPER_LENGTH:
+                raise ValueError(
+                    f"the pepper is shorter than {MIN_PEPPER_LENGTH} characters; generate a "
+                    "random one (`openssl rand -hex 32`)"
+                )
+        return value.encode()
+
+
+def is_allowed_engine_host(host: str, allow_remote: bool) -> bool:
+    """Engines hold control endpoints: by default only loopback or private addresses."""
+    if allow_remote:
+        return True
+    if host == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_private
