@@ -41,8 +41,10 @@ async def _forward(request: Request, endpoint: str, pool: Pool,
                    upstream: UpstreamDep) -> RelayResponse:
     ctx = context(request.scope)
     raw = await read_body(request)
-    parsed = requests.parse(raw, endpoint, pool)
-    ctx.model = parsed.route.name
+    payload = requests.decode(raw)
+    route = requests.resolve_model(payload, endpoint, pool)
+    ctx.model = route.name
+    parsed = requests.validate(payload, raw, endpoint, route)
     ctx.stream = parsed.stream
     return RelayResponse(upstream, parsed, ctx)
 

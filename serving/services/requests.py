@@ -31,14 +31,17 @@ class ParsedRequest:
     client_wants_usage: bool
 
 
-def parse(raw: bytes, endpoint: str, pool: EnginePool) -> ParsedRequest:
+def decode(raw: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    return payload
 
+
+def resolve_model(payload: dict[str, Any], endpoint: str, pool: EnginePool) -> ModelRoute:
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string.", param="model")
@@ -50,7 +53,12 @@ def parse(raw: bytes, endpoint: str, pool: EnginePool) -> ParsedRequest:
         raise InvalidRequest(
             f"The model '{model}' does not support {PATHS[endpoint]}.", param="model",
             code="unsupported_endpoint")
+    return route
 
+
+def validate(payload: dict[str, Any], raw: bytes, endpoint: str,
+             route: ModelRoute) -> ParsedRequest:
+    """Check the fields the gateway acts on; return what to send to the engine."""
     _check_shape(payload, endpoint)
     _check_max_tokens(payload, route)
 

@@ -1,0 +1,132 @@
+"""Fixtures. The real vLLM engines start once per session (``engines``); gateways are cheap and
+start per test or per module with the settings a test needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from serving.settings import Settings
+from tests.support import REPO, TEST_PEPPER, GatewayServer, copy_manifests, free_port
+
+ENGINE_START_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that kill an engine run last, so the others never wait for a restart.
+    items.sort(key=lambda item: 1 if item.get_closest_marker("engine_restart") else 0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "engine_restart: kills an engine; runs last")
+
+
+class Engines:
+    """The engine supervisor (``enclave engines run``) as its own process, as in production."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.models_dir = copy_manifests(root / "models")
+        self.data_dir = root / "engines-data"
+        self.log_path = root / "supervisor.log"
+        self.env = {**os.environ, "ENCLAVE_MODELS_DIR": str(self.models_dir),
+                    "ENCLAVE_DATA_DIR": str(self.data_dir), "ENCLAVE_PEPPER": TEST_PEPPER}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli.main", "engines", "run"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the supervisor exited:\n{self.log_path.read_text()[-4000:]}")
+            states = self.state()
+            if states and all(s["state"] == "healthy" for s in states.values()):
+                return
+            time.sleep(1)
+        raise RuntimeError(f"engines not healthy in time:\n{self.log_path.read_text()[-4000:]}")
+
+    def state(self) -> dict[str, dict[str, object]]:
+        try:
+            data: dict[str, dict[str, object]] = json.loads(
+                (self.data_dir / "run" / "engines.json").read_text())
+            return data
+        except (OSError, ValueError):
+            return {}
+
+    def url(self, deployment: str) -> str:
+        return str(self.state()[deployment]["url"])
+
+    def running_requests(self, deployment: str) -> float:
+        text = httpx.get(self.url(deployment) + "/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("vllm:num_requests_running"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    cluster = Engines(tmp_path_factory.mktemp("engines"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def gateway_settings(root: Path, models_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "data_dir": root, "models_dir": models_dir, "port": free_port(),
+        "pepper": SecretStr(TEST_PEPPER), "engine_health_interval_s": 0.5,
+        "key_cache_ttl_s": 0.5,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def gateway(engines: Engines, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
+    settings = gateway_settings(tmp_path_factory.mktemp("gateway"), engines.models_dir)
+    gw = GatewayServer(settings).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real `enclave` CLI against a gateway's state."""
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(settings.data_dir),
+           "ENCLAVE_MODELS_DIR": str(settings.models_dir), "ENCLAVE_PEPPER": TEST_PEPPER}
+    return subprocess.run([sys.executable, "-m", "serving.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def api_key(gateway: GatewayServer) -> str:
+    out = cli(gateway.settings, "keys", "create", "--name", "tests")
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()

@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import pytest
+
+from serving.services.auth import KeyService, split_key
+from serving.storage.db import create_engine, create_schema
+from serving.storage.keys import KeyRepository
+
+pytestmark = pytest.mark.anyio
+PEPPER = b"p" * 40
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def service(tmp_path: Path):  # type: ignore[no-untyped-def]
+    db = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    await create_schema(db)
+    yield KeyService(KeyRepository(db), PEPPER, cache_ttl_s=0)
+    await db.dispose()
+
+
+async def test_an_issued_key_verifies_and_names_its_owner(service: KeyService) -> None:
+    issued = await service.issue("billing-service")
+    principal = await service.verify(issued.key)
+    assert principal is not None
+    assert principal.name == "billing-service"
+    assert principal.key_id == issued.record.id
+    assert split_key(issued.key) == issued.record.id
+
+
+async def test_only_an_hmac_is_stored_never_the_key(service: KeyService, tmp_path: Path) -> None:
+    issued = await service.issue("x")
+    secret = issued.key[20:]
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert issued.key.encode() not in raw
+    assert secret.encode() not in raw
+    records = await service.all()
+    assert records[0].digest == service.digest(issued.key)
+    assert records[0].digest != issued.key
+
+
+async def test_a_wrong_secret_with_a_real_id_is_refused(service: KeyService) -> None:
+    issued = await service.issue("x")
+    tampered = issued.key[:-1] + ("A" if issued.key[-1] != "A" else "B")
+    assert await service.verify(tampered) is None
+
+
+@pytest.mark.parametrize("bad", ["", "sk-enc-", "Bearer x", "sk-enc-zzzzzzzzzzzz-" + "a" * 43,
+                                 "sk-enc-0123456789ab-" + "a" * 42, "x" * 10_000])
+async def test_malformed_keys_are_refused(service: KeyService, bad: str) -> None:
+    assert await service.verify(bad) is None
+
+
+async def test_a_revoked_key_is_refused(service: KeyService) -> None:
+    issued = await service.issue("x")
+    revoked = await service.revoke(issued.record.id)
+    assert [r.id for r in revoked] == [issued.record.id]
+    assert await service.verify(issued.key) is None
+
+
+async def test_revoking_by_name_revokes_every_active_key_of_that_name(service: KeyService) -> None:
+    a, b = await service.issue("demo"), await service.issue("demo")
+    other = await service.issue("other")
+    assert len(await service.revoke("demo")) == 2
+    assert await service.verify(a.key) is None and await service.verify(b.key) is None
+    assert await service.verify(other.key) is not None
+
+
+async def test_revocation_reaches_a_caching_service_within_its_ttl(tmp_path: Path) -> None:
+    db = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    await create_schema(db)
+    gateway = KeyService(KeyRepository(db), PEPPER, cache_ttl_s=0.2)
+    admin = KeyService(KeyRepository(db), PEPPER, cache_ttl_s=0)
+    issued = await admin.issue("x")
+    assert await gateway.verify(issued.key) is not None
+    await admin.revoke(issued.record.id)
+    import asyncio
+
+    await asyncio.sleep(0.25)
+    assert await gateway.verify(issued.key) is None
+    await db.dispose()
+
+
+async def test_a_key_is_bound_to_its_pepper(service: KeyService, tmp_path: Path) -> None:
+    issued = await service.issue("x")
+    db = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
+    other = KeyService(KeyRepository(db), b"q" * 40, cache_ttl_s=0)
+    assert await other.verify(issued.key) is None
+    await db.dispose()
+
+
+async def test_names_are_validated(service: KeyService) -> None:
+    with pytest.raises(ValueError):
+        await service.issue("   ")
+    with pytest.raises(ValueError):
+        await service.issue("n" * 201)

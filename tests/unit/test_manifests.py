@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.storage.manifests import ManifestError, load_manifest, load_manifests
+from tests.support import REPO
+
+
+def write(tmp_path: Path, data: dict[str, object], name: str | None = None) -> Path:
+    path = tmp_path / f"{name or data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def demo() -> dict[str, object]:
+    data: dict[str, object] = yaml.safe_load((REPO / "models" / "demo-chat.yaml").read_text())
+    return data
+
+
+def test_the_repository_manifests_load() -> None:
+    manifests = {m.name: m for m in load_manifests(REPO / "models")}
+    assert set(manifests) == {"demo-chat", "minilm-embed"}
+    assert manifests["minilm-embed"].task == "embed"
+    assert "--runner" in manifests["minilm-embed"].versions[0].engine.args
+    assert manifests["demo-chat"].versions[0].sha256["model.safetensors"]
+
+
+def test_traffic_must_add_up_to_100(tmp_path: Path) -> None:
+    data = demo()
+    data["traffic"] = {"v1": 90}
+    with pytest.raises(ManifestError, match="add up to 100"):
+        load_manifest(write(tmp_path, data))
+
+
+def test_traffic_to_an_unknown_version_is_refused(tmp_path: Path) -> None:
+    data = demo()
+    data["traffic"] = {"v1": 50, "v9": 50}
+    with pytest.raises(ManifestError, match="unknown versions"):
+        load_manifest(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("arg", ["--host", "--port=9", "--api-key", "--served-model-name"])
+def test_a_manifest_cannot_set_what_the_supervisor_owns(tmp_path: Path, arg: str) -> None:
+    data = demo()
+    data["versions"][0]["engine"]["args"] = [arg, "x"]  # type: ignore[index]
+    with pytest.raises(ManifestError, match="set by the supervisor"):
+        load_manifest(write(tmp_path, data))
+
+
+def test_unknown_fields_are_refused_with_their_location(tmp_path: Path) -> None:
+    data = demo()
+    data["versions"][0]["engnie"] = {}  # type: ignore[index]
+    with pytest.raises(ManifestError, match=r"versions\.0\.engnie"):
+        load_manifest(write(tmp_path, data))
+
+
+def test_the_file_name_must_match_the_model_name(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="must be named demo-chat.yaml"):
+        load_manifest(write(tmp_path, demo(), name="other"))
+
+
+def test_two_engines_on_one_port_are_refused(tmp_path: Path) -> None:
+    a = demo()
+    b = demo()
+    b["name"] = "demo-two"
+    write(tmp_path, a)
+    write(tmp_path, b)
+    with pytest.raises(ManifestError, match="both use port"):
+        load_manifests(tmp_path)
+
+
+def test_source_paths_cannot_escape_the_cache(tmp_path: Path) -> None:
+    data = demo()
+    data["versions"][0]["source"]["path"] = "../../etc"  # type: ignore[index]
+    with pytest.raises(ManifestError, match="without '..'"):
+        load_manifest(write(tmp_path, data))
