@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from serving.settings import Settings
@@ -45,19 +46,31 @@ class Engines:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli.main", "engines", "run"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "serving.cli.main", "engines", "run"],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + ENGINE_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the supervisor exited:\n{self.log_path.read_text()[-4000:]}")
             states = self.state()
             if states and all(s["state"] == "healthy" for s in states.values()):
+                self.warm_up()
                 return
             time.sleep(1)
         raise RuntimeError(f"engines not healthy in time:\n{self.log_path.read_text()[-4000:]}")
+
+    def warm_up(self) -> None:
+        """One request per engine: the first one after start compiles kernels for a while."""
+        for name, info in self.state().items():
+            if info["model"] == "demo-chat":
+                body = {"model": "demo-chat", "max_tokens": 64, "ignore_eos": True,
+                        "messages": [{"role": "user", "content": "warm up"}]}
+                httpx.post(f"{info['url']}/v1/chat/completions", json=body, timeout=120)
+            else:
+                httpx.post(f"{info['url']}/v1/embeddings", timeout=120,
+                           json={"model": info["model"], "input": "warm up"})
 
     def state(self) -> dict[str, dict[str, object]]:
         try:
@@ -70,12 +83,15 @@ class Engines:
     def url(self, deployment: str) -> str:
         return str(self.state()[deployment]["url"])
 
-    def running_requests(self, deployment: str) -> float:
-        text = httpx.get(self.url(deployment) + "/metrics", timeout=5).text
+    def metric(self, deployment: str, name: str, **labels: str) -> float:
+        """Sum of a vLLM metric's samples (matching ``labels``), read from the engine itself."""
+        text = httpx.get(self.url(deployment) + "/metrics", timeout=30).text
         total = 0.0
-        for line in text.splitlines():
-            if line.startswith("vllm:num_requests_running"):
-                total += float(line.rsplit(" ", 1)[1])
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v
+                                               for k, v in labels.items()):
+                    total += sample.value
         return total
 
     def stop(self) -> None:

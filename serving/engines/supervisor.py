@@ -47,6 +47,23 @@ ENGINE_ENV = {
     "VLLM_CONFIGURE_LOGGING": "1",
     "PYTHONUNBUFFERED": "1",
 }
+# On CPU hosts: vLLM's default pins every engine's compute thread to the same core and reserves
+# the other for "everything else"; with two engines on a small host that starves the API
+# servers, and streams arrive in one burst at the end. One unpinned thread per engine streams
+# token by token (measured on 2 cores: first of 600 tokens at ~0.1 s instead of 1-3.5 s).
+CPU_ENGINE_ENV = {
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+# Never passed to an engine: the gateway's secrets and settings, and the gateway's virtualenv.
+_WITHHELD_PREFIXES = ("ENCLAVE_", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
+
+
+def engine_environment(extra: dict[str, str], gpu: bool = False) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_WITHHELD_PREFIXES)}
+    return {**env, **ENGINE_ENV, **({} if gpu else CPU_ENGINE_ENV), **extra}
 
 
 class WeightsError(RuntimeError):
@@ -186,13 +203,12 @@ class Supervisor:
 
     async def _run_once(self, engine: EngineProcess, client: httpx.AsyncClient) -> str:
         """Start the engine and return why it stopped being useful."""
-        env = {**os.environ, **ENGINE_ENV, **engine.deployment.version.engine.env}
-        env.pop("VIRTUAL_ENV", None)
+        env = engine_environment(engine.deployment.version.engine.env, gpu=self.env.gpu)
         engine.state = "starting"
         with engine.log_path.open("ab") as logf:
             engine.proc = await asyncio.create_subprocess_exec(
                 *engine.command(self.env.python), stdin=asyncio.subprocess.DEVNULL,
-                stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env,
+                stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.run_dir,
                 preexec_fn=_die_with_parent)
         engine.pid = engine.proc.pid
         self._write_state()

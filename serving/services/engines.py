@@ -18,6 +18,8 @@ import httpx
 from serving.storage.manifests import Deployment, Manifest
 
 log = logging.getLogger("enclave.engines")
+HEALTH_TIMEOUT_S = 5.0
+HEALTH_STRIKES = 3
 
 
 @dataclass(slots=True)
@@ -26,6 +28,7 @@ class EngineState:
     base_url: str
     healthy: bool = False
     last_error: str | None = None
+    strikes: int = 0
     in_flight: int = 0
 
     @property
@@ -76,18 +79,29 @@ class EnginePool:
         engine.last_error = reason
 
     async def check(self, client: httpx.AsyncClient, engine: EngineState) -> None:
+        """Poll /health. A refused connection means the engine is gone: down at once. A slow or
+        failing answer counts as one strike; a busy CPU engine can answer /health late, and
+        taking it out of service for that would turn load into errors."""
         try:
-            resp = await client.get(f"{engine.base_url}/health", timeout=1.0)
+            resp = await client.get(f"{engine.base_url}/health", timeout=HEALTH_TIMEOUT_S)
             ok = resp.status_code == 200
             reason = None if ok else f"/health answered {resp.status_code}"
+            gone = False
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            ok, reason, gone = False, type(exc).__name__, True
         except httpx.HTTPError as exc:
-            ok, reason = False, f"{type(exc).__name__}"
-        if ok and not engine.healthy:
-            log.info("engine up", extra={"engine": engine.name})
-        elif not ok and engine.healthy:
-            log.warning("engine down", extra={"engine": engine.name, "reason": reason})
-        engine.healthy = ok
+            ok, reason, gone = False, type(exc).__name__, False
+        if ok:
+            engine.strikes = 0
+            if not engine.healthy:
+                log.info("engine up", extra={"engine": engine.name})
+            engine.healthy, engine.last_error = True, None
+            return
+        engine.strikes += 1
         engine.last_error = reason
+        if engine.healthy and (gone or engine.strikes >= HEALTH_STRIKES):
+            log.warning("engine down", extra={"engine": engine.name, "reason": reason})
+            engine.healthy = False
 
     async def check_all(self, client: httpx.AsyncClient) -> None:
         await asyncio.gather(*(self.check(client, e) for e in self.engines))

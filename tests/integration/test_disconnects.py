@@ -1,0 +1,77 @@
+"""A client that goes away makes the gateway close the upstream, and vLLM aborts the request.
+
+The engine's own counters prove it: far fewer tokens than ``max_tokens`` were generated (vLLM
+does not count aborted requests in ``vllm:request_success_total``) and
+``vllm:num_requests_running`` is back to 0 within two seconds. (While it generates, the CPU
+engine answers /metrics late, so the test reads the counters after the disconnect.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Engines
+from tests.support import GatewayServer
+
+pytestmark = pytest.mark.engine
+MAX_TOKENS = 2000
+BODY = {"model": "demo-chat", "messages": [{"role": "user", "content": "go on forever"}],
+        "max_tokens": MAX_TOKENS, "ignore_eos": True}
+DEP = "demo-chat-v1"
+
+
+def snapshot(engines: Engines) -> tuple[float, float]:
+    return (engines.metric(DEP, "vllm:request_success_total"),
+            engines.metric(DEP, "vllm:generation_tokens_total"))
+
+
+def assert_aborted_quickly(engines: Engines, before: tuple[float, float],
+                           closed_at: float) -> None:
+    while engines.metric(DEP, "vllm:num_requests_running") > 0:
+        assert time.monotonic() - closed_at < 2.0, "still running 2 s after the disconnect"
+        time.sleep(0.05)
+    assert time.monotonic() - closed_at < 2.0
+    finished, tokens = snapshot(engines)
+    assert finished == before[0], "the request ran to completion: vLLM did not abort it"
+    assert tokens - before[1] < MAX_TOKENS / 2
+
+
+def test_disconnect_mid_stream_aborts_the_engine_request(
+        gateway: GatewayServer, engines: Engines, api_key: str) -> None:
+    before = snapshot(engines)
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=30,
+                      json={**BODY, "stream": True},
+                      headers={"Authorization": f"Bearer {api_key}"}) as resp:
+        assert resp.status_code == 200
+        # Keep the iterator referenced: dropping it would already close the connection.
+        lines = resp.iter_lines()
+        events = 0
+        while events < 5:
+            if next(lines).startswith("data:"):
+                events += 1
+    closed_at = time.monotonic()
+    assert_aborted_quickly(engines, before, closed_at)
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_aborts_it(
+        gateway: GatewayServer, engines: Engines, api_key: str) -> None:
+    before = snapshot(engines)
+
+    async def abandon() -> float:
+        async with httpx.AsyncClient(timeout=30) as client:
+            task = asyncio.create_task(client.post(
+                gateway.url + "/v1/chat/completions", json=BODY,
+                headers={"Authorization": f"Bearer {api_key}"}))
+            await asyncio.sleep(0.4)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return time.monotonic()
+
+    closed_at = asyncio.run(abandon())
+    assert_aborted_quickly(engines, before, closed_at)
