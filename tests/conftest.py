@@ -63,7 +63,7 @@ class Engines:
 
     def warm_up(self) -> None:
         """One request per engine: the first one after start compiles kernels for a while."""
-        for name, info in self.state().items():
+        for info in self.state().values():
             if info["model"] == "demo-chat":
                 body = {"model": "demo-chat", "max_tokens": 64, "ignore_eos": True,
                         "messages": [{"role": "user", "content": "warm up"}]}

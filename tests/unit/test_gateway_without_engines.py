@@ -47,7 +47,7 @@ def test_liveness_answers_and_readiness_says_no_engine(gw: GatewayServer) -> Non
 def test_a_dead_engine_gives_503_with_retry_after(gw: GatewayServer, key: str) -> None:
     resp = httpx.post(gw.url + "/v1/chat/completions", json=CHAT,
                       headers={"Authorization": f"Bearer {key}"})
-    assert_openai_error(resp, 503)["code"] == "engine_unavailable"
+    assert assert_openai_error(resp, 503)["code"] == "engine_unavailable"
     assert resp.headers["retry-after"] == "7"
 
 

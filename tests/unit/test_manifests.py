@@ -56,7 +56,7 @@ def test_unknown_fields_are_refused_with_their_location(tmp_path: Path) -> None:
 
 
 def test_the_file_name_must_match_the_model_name(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="must be named demo-chat.yaml"):
+    with pytest.raises(ManifestError, match=r"must be named demo-chat\.yaml"):
         load_manifest(write(tmp_path, demo(), name="other"))
 
 
@@ -73,5 +73,5 @@ def test_two_engines_on_one_port_are_refused(tmp_path: Path) -> None:
 def test_source_paths_cannot_escape_the_cache(tmp_path: Path) -> None:
     data = demo()
     data["versions"][0]["source"]["path"] = "../../etc"  # type: ignore[index]
-    with pytest.raises(ManifestError, match="without '..'"):
+    with pytest.raises(ManifestError, match=r"without '\.\.'"):
         load_manifest(write(tmp_path, data))

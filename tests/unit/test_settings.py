@@ -19,7 +19,8 @@ def test_a_missing_pepper_is_refused_with_a_fix(tmp_path: Path) -> None:
 def test_default_or_short_peppers_are_refused_outside_dev_mode(tmp_path: Path, value: str) -> None:
     with pytest.raises(ValueError, match="pepper"):
         settings(tmp_path, pepper=SecretStr(value)).load_pepper()
-    assert settings(tmp_path, pepper=SecretStr(value), dev_mode=True).load_pepper() == value.encode()
+    dev = settings(tmp_path, pepper=SecretStr(value), dev_mode=True)
+    assert dev.load_pepper() == value.encode()
 
 
 def test_a_pepper_file_readable_by_others_is_refused(tmp_path: Path) -> None:
