@@ -19,7 +19,7 @@ from serving.routes import handlers, inference, ops
 from serving.routes.middleware import RequestMiddleware
 from serving.services.auth import KeyService
 from serving.services.engines import EnginePool
-from serving.services.proxy import Upstream
+from serving.services.proxy import Upstream, new_session
 from serving.settings import Settings, is_allowed_engine_host
 from serving.storage.db import create_engine, create_schema
 from serving.storage.keys import KeyRepository
@@ -43,16 +43,16 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = create_engine(settings.resolved_database_url)
         await create_schema(db)
-        timeout = httpx.Timeout(connect=settings.upstream_connect_timeout_s,
-                                read=settings.upstream_read_timeout_s, write=30.0, pool=10.0)
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport,
-                                   trust_env=False, follow_redirects=False)
+        # Health checks go through httpx; the proxied requests through aiohttp (hot path).
+        client = httpx.AsyncClient(timeout=5.0, transport=transport, trust_env=False,
+                                   follow_redirects=False)
+        session = new_session(settings.upstream_connect_timeout_s,
+                              settings.upstream_read_timeout_s)
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.pool = pool
         app.state.keys = KeyService(KeyRepository(db), pepper, settings.key_cache_ttl_s)
-        app.state.upstream = Upstream(client, pool, retry_after_s=settings.retry_after_s,
+        app.state.upstream = Upstream(session, pool, retry_after_s=settings.retry_after_s,
                                       connect_retries=settings.upstream_connect_retries)
         await pool.check_all(client)
         watcher = asyncio.create_task(pool.watch(client, settings.engine_health_interval_s))
@@ -66,6 +66,7 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await client.aclose()
+            await session.close()
             await db.dispose()
 
     app = FastAPI(title="Enclave gateway", version=__version__, lifespan=lifespan,

@@ -1,4 +1,8 @@
-"""Typed dependency aliases, in one place. Long-lived services live on ``app.state``."""
+"""Typed dependency aliases, in one place. Long-lived services live on ``app.state``.
+
+Every dependency is ``async def``: FastAPI runs plain ``def`` dependencies in a thread pool,
+a thread hop per dependency per request on the hot path.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +18,17 @@ from serving.services.engines import EnginePool
 from serving.services.proxy import Upstream
 
 
-def key_service(request: Request) -> KeyService:
+async def key_service(request: Request) -> KeyService:
     svc: KeyService = request.app.state.keys
     return svc
 
 
-def engine_pool(request: Request) -> EnginePool:
+async def engine_pool(request: Request) -> EnginePool:
     pool: EnginePool = request.app.state.pool
     return pool
 
 
-def upstream(request: Request) -> Upstream:
+async def upstream(request: Request) -> Upstream:
     up: Upstream = request.app.state.upstream
     return up
 
@@ -36,7 +40,8 @@ async def authenticate(request: Request) -> PrincipalT:
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise AuthenticationFailed()
-    principal = await key_service(request).verify(key.strip())
+    keys: KeyService = request.app.state.keys
+    principal = await keys.verify(key.strip())
     if principal is None:
         raise AuthenticationFailed()
     context(request.scope).key_id = principal.key_id

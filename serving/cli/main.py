@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from serving import __version__
+from serving.cli.bench import bench
 from serving.cli.keys import keys
 from serving.cli.models import models
 from serving.cli.up import engines, gateway, up
@@ -21,6 +22,7 @@ cli.add_command(gateway)
 cli.add_command(engines)
 cli.add_command(keys)
 cli.add_command(models)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -6,9 +6,9 @@ Never buffers a body: it only watches ``http.response.start`` for the status and
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -120,4 +120,4 @@ def _request_id(scope: Scope) -> str:
             if _VALID_ID.match(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()

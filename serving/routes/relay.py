@@ -8,15 +8,16 @@ Streams are forwarded event by event as they arrive, never buffered.
 
 from __future__ import annotations
 
-import anyio
-import httpx
+import asyncio
+
+import aiohttp
 import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from serving.errors import EngineBadResponse, EngineTimeout, GatewayError, error_bytes
 from serving.services.context import RequestContext
-from serving.services.proxy import Upstream
+from serving.services.proxy import TIMEOUTS, TRANSPORT_ERRORS, Upstream
 from serving.services.requests import PATHS, ParsedRequest
 from serving.services.sse import StreamAccountant, usage_from_body
 
@@ -47,7 +48,12 @@ class RelayResponse(Response):
         self.ctx = ctx
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One watcher task per request (cheaper than a task group on the hot path): when the
+        # client goes away before the answer is complete, it cancels this task, whose
+        # clean-up closes the upstream connection.
         complete = False
+        this_task = asyncio.current_task()
+        assert this_task is not None
 
         async def tracked_send(message: Message) -> None:
             nonlocal complete
@@ -55,24 +61,28 @@ class RelayResponse(Response):
             if message["type"] == "http.response.body" and not message.get("more_body"):
                 complete = True
 
-        async with anyio.create_task_group() as tg:
-            async def watch_disconnect() -> None:
-                while True:
-                    message = await receive()
-                    # Servers also report a disconnect once the response is complete.
-                    if message["type"] == "http.disconnect":
-                        if not complete:
-                            self.ctx.client_disconnected = True
-                            tg.cancel_scope.cancel()
-                        return
+        async def watch_disconnect() -> None:
+            while True:
+                message = await receive()
+                # Servers also report a disconnect once the response is complete.
+                if message["type"] == "http.disconnect":
+                    if not complete:
+                        self.ctx.client_disconnected = True
+                        this_task.cancel()
+                    return
 
-            tg.start_soon(watch_disconnect)
-            try:
-                await self._exchange(tracked_send)
-            except GatewayError as exc:
-                self.ctx.error_code = str(exc.code)
-                await send_error(tracked_send, exc)
-            tg.cancel_scope.cancel()
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        try:
+            await self._exchange(tracked_send)
+        except GatewayError as exc:
+            self.ctx.error_code = str(exc.code)
+            await send_error(tracked_send, exc)
+        except asyncio.CancelledError:
+            if not self.ctx.client_disconnected:
+                raise
+            this_task.uncancel()  # ours: the client left; nothing more to send
+        finally:
+            watcher.cancel()
 
     async def _exchange(self, send: Send) -> None:
         p, ctx = self.parsed, self.ctx
@@ -81,36 +91,38 @@ class RelayResponse(Response):
         ctx.engine = engine.name
         engine.in_flight += 1
         try:
-            if response.status_code != 200:
+            if response.status != 200:
                 await self._relay_error(send, response)
             elif p.stream:
                 await self._relay_stream(send, response)
             else:
                 await self._relay_body(send, response)
-        except httpx.TimeoutException:
+        except TIMEOUTS:
             raise EngineTimeout(f"The engine for '{p.route.name}' stopped answering.") from None
-        except httpx.TransportError:
+        except aiohttp.ClientError:
             raise EngineBadResponse(
                 f"The engine for '{p.route.name}' closed the connection.") from None
         finally:
             engine.in_flight -= 1
-            # Shielded: when the client left, this scope is cancelled, and the close is what
-            # tells vLLM to abort.
-            with anyio.CancelScope(shield=True):
-                await response.aclose()
+            # When the client left, this closes the connection, which is what tells vLLM to
+            # abort. A fully read response goes back to the pool instead.
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()
 
-    async def _relay_body(self, send: Send, response: httpx.Response) -> None:
-        body = await response.aread()
+    async def _relay_body(self, send: Send, response: aiohttp.ClientResponse) -> None:
+        body = await response.read()
         self.ctx.prompt_tokens, self.ctx.completion_tokens = usage_from_body(body)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [_JSON, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _relay_stream(self, send: Send, response: httpx.Response) -> None:
+    async def _relay_stream(self, send: Send, response: aiohttp.ClientResponse) -> None:
         acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage)
         started = False
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 out = acct.feed(chunk)
                 if not out:
                     continue
@@ -124,7 +136,7 @@ class RelayResponse(Response):
                 await send({"type": "http.response.start", "status": 200,
                             "headers": _SSE_HEADERS})
             await send({"type": "http.response.body", "body": rest, "more_body": False})
-        except (httpx.TimeoutException, httpx.TransportError):
+        except TRANSPORT_ERRORS:
             if not started:
                 raise
             # Headers are gone: end the stream with an OpenAI-style error event.
@@ -138,10 +150,10 @@ class RelayResponse(Response):
             if acct.first_event_at is not None:
                 self.ctx.ttft_s = acct.first_event_at - self.ctx.started
 
-    async def _relay_error(self, send: Send, response: httpx.Response) -> None:
+    async def _relay_error(self, send: Send, response: aiohttp.ClientResponse) -> None:
         """Upstream 4xx passes through with its message; anything else becomes a 502."""
         body = await _read_capped(response)
-        status = response.status_code
+        status = response.status
         message = _upstream_message(body)
         if 400 <= status < 500 and status not in (401, 403):
             self.ctx.error_code = f"upstream_{status}"
@@ -158,10 +170,10 @@ class RelayResponse(Response):
             f"The engine for '{self.parsed.route.name}' failed ({status}).")
 
 
-async def _read_capped(response: httpx.Response) -> bytes:
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.content.iter_any():
         chunks.append(chunk)
         size += len(chunk)
         if size > _MAX_UPSTREAM_ERROR_BODY:

@@ -9,6 +9,7 @@ takes effect everywhere within ``cache_ttl_s``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -58,6 +59,7 @@ class KeyService:
         self._ttl = cache_ttl_s
         # key id -> (expires at, record or None when unknown)
         self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
 
     def digest(self, key: str) -> str:
         return hmac.new(self._pepper, key.encode(), hashlib.sha256).hexdigest()
@@ -97,8 +99,19 @@ class KeyService:
         hit = self._cache.get(key_id)
         if hit is not None and hit[0] > now:
             return hit[1]
-        record = await self._repo.get(key_id)
-        self._cache[key_id] = (now + self._ttl, record)
+        # Single flight: when an entry expires under load, one query refreshes it for all.
+        pending = self._pending.get(key_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._fetch(key_id))
+            self._pending[key_id] = pending
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, key_id: str) -> KeyRecord | None:
+        try:
+            record = await self._repo.get(key_id)
+        finally:
+            self._pending.pop(key_id, None)
+        self._cache[key_id] = (time.monotonic() + self._ttl, record)
         self._cache.move_to_end(key_id)
         while len(self._cache) > _CACHE_MAX:
             self._cache.popitem(last=False)

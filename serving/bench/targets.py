@@ -1,0 +1,160 @@
+"""The processes a benchmark run measures: nginx with a canned answer, the bare proxy, the
+gateway, and (end to end) a real vLLM engine under the supervisor."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import yaml
+
+CANNED = {
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "demo-chat",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from nginx."},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+}
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location = /v1/chat/completions {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+        location = /health {{ return 200; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def process(args: list[str], log: Path, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def nginx(root: Path) -> Iterator[str]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("nginx is not installed (Debian: apt-get install nginx-light)")
+    port = free_port()
+    (root / "body").mkdir(parents=True, exist_ok=True)
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(root=root, port=port,
+                                      body=json.dumps(CANNED, separators=(",", ":"))))
+    with process([binary, "-p", str(root), "-c", str(conf)], root / "nginx.log") as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", 10, proc)
+        yield url
+
+
+@contextlib.contextmanager
+def bare_proxy(root: Path, upstream: str) -> Iterator[str]:
+    port = free_port()
+    args = [sys.executable, "-m", "uvicorn", "serving.bench.bare_proxy:app", "--host",
+            "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+            "--no-access-log", "--log-level", "warning"]
+    with process(args, root / "bare.log", env={**os.environ, "BARE_UPSTREAM": upstream}) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/docs", 20, proc)
+        yield url
+
+
+def bench_models(root: Path, ports: dict[str, int], models_dir: Path) -> Path:
+    """Copies of the manifests with engines moved to the given ports (only those models)."""
+    out = root / "models"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, port in ports.items():
+        data = yaml.safe_load((models_dir / f"{name}.yaml").read_text())
+        for version in data["versions"]:
+            version["engine"]["port"] = port
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+@contextlib.contextmanager
+def gateway(root: Path, models: Path) -> Iterator[tuple[str, str]]:
+    """The real gateway (auth, metrics, JSON access log to a file), and a key for it."""
+    port = free_port()
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(root / "gateway-data"),
+           "ENCLAVE_MODELS_DIR": str(models), "ENCLAVE_PEPPER": secrets.token_hex(32),
+           "ENCLAVE_PORT": str(port)}
+    enclave = [sys.executable, "-m", "serving.cli.main"]
+    key = subprocess.run([*enclave, "keys", "create", "--name", "bench"], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    with process([*enclave, "gateway"], root / "gateway.log", env=env) as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/readyz", 30, proc)
+        yield url, key
+
+
+@contextlib.contextmanager
+def engine(root: Path, models: Path, cache_dir: Path | None = None) -> Iterator[str]:
+    """The demo chat model on a real vLLM engine, under the supervisor."""
+    env = {**os.environ, "ENCLAVE_DATA_DIR": str(root / "engine-data"),
+           "ENCLAVE_MODELS_DIR": str(models), "ENCLAVE_PEPPER": secrets.token_hex(32)}
+    if cache_dir is not None:
+        env["ENCLAVE_CACHE_DIR"] = str(cache_dir)
+    with process([sys.executable, "-m", "serving.cli.main", "engines", "run"],
+                 root / "supervisor.log", env=env) as proc:
+        state = root / "engine-data" / "run" / "engines.json"
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("the engine supervisor exited; see " + str(root))
+            with contextlib.suppress(OSError, ValueError):
+                info = next(iter(json.loads(state.read_text()).values()))
+                if info["state"] == "healthy":
+                    yield str(info["url"])
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the engine did not become healthy")
+            time.sleep(1)
