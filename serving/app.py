@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI
@@ -76,7 +75,3 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
     app.include_router(ops.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log)
     return app
-
-
-def engine_host_of(url: str) -> str:
-    return urlsplit(url).hostname or ""

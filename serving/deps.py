@@ -15,22 +15,11 @@ from serving.routes.middleware import context
 from serving.services.auth import KeyService
 from serving.services.auth import Principal as PrincipalT
 from serving.services.engines import EnginePool
-from serving.services.proxy import Upstream
-
-
-async def key_service(request: Request) -> KeyService:
-    svc: KeyService = request.app.state.keys
-    return svc
 
 
 async def engine_pool(request: Request) -> EnginePool:
     pool: EnginePool = request.app.state.pool
     return pool
-
-
-async def upstream(request: Request) -> Upstream:
-    up: Upstream = request.app.state.upstream
-    return up
 
 
 async def authenticate(request: Request) -> PrincipalT:
@@ -50,4 +39,3 @@ async def authenticate(request: Request) -> PrincipalT:
 
 Principal = Annotated[PrincipalT, Depends(authenticate)]
 Pool = Annotated[EnginePool, Depends(engine_pool)]
-UpstreamDep = Annotated[Upstream, Depends(upstream)]
