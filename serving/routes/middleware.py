@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving import logs
 from serving.logs import request_id_var
 from serving.metrics import GatewayMetrics
 from serving.services.context import RequestContext
@@ -107,7 +108,7 @@ class RequestMiddleware:
                 extra["ttft_ms"] = round(ctx.ttft_s * 1000, 2)
             if ctx.client_disconnected:
                 extra["client_disconnected"] = True
-            log.info("request", extra=extra)
+            logs.access(extra)
 
 
 def _request_id(scope: Scope) -> str:
