@@ -46,11 +46,13 @@ def test_streamed_chat_arrives_chunk_by_chunk_before_generation_ends(client: Ope
             arrivals.append(time.perf_counter() - start)
     assert len(arrivals) >= 500
     total = arrivals[-1]
-    # The first token is here long before the last, and a tenth of them well before the end:
-    # the gateway relays as the engine produces, it does not buffer the stream. (On a busy
-    # 2-core host the engine itself sometimes stalls mid-stream, so no stricter shape.)
+    # The first token is here long before the last, and tokens arrive at many distinct
+    # moments: the gateway relays as the engine produces, it does not buffer the stream. (On
+    # a busy 2-core host the CPU engine itself sometimes stalls mid-stream, seen without the
+    # gateway too, so the test asserts no stricter pacing than that.)
     assert arrivals[0] < total / 4, (arrivals[0], total)
-    assert arrivals[len(arrivals) // 10] < total * 0.75, (arrivals[len(arrivals) // 10], total)
+    moments = {round(t / 0.05) for t in arrivals}
+    assert len(moments) >= 5, sorted(moments)
     assert usage_chunks == 0  # not asked for: the gateway strips the usage event it requested
 
 
