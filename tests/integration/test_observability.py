@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -72,6 +74,11 @@ def test_no_key_or_prompt_in_logs_or_metrics(gateway: GatewayServer, api_key: st
                    headers=headers)
         httpx.post(gateway.url + "/v1/chat/completions", json={**body, "temperature": -1},
                    headers=headers)
+        # The line is written once the response is sent, so just after the client has it.
+        deadline = time.monotonic() + 5
+        while sum('"msg":"request"' in line for line in capture.lines) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     assert resp.headers["x-request-id"] == "obs-req-1"
     logs = capture.text()
     metrics = httpx.get(gateway.url + "/metrics").text

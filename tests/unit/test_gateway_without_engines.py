@@ -1,5 +1,6 @@
 """The gateway on a real server with no engine running: everything that must not need one."""
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,8 +122,6 @@ def test_cli_lists_keys_without_secrets_and_revokes(gw: GatewayServer, tmp_path:
     headers = {"Authorization": f"Bearer {key}"}
     assert httpx.get(gw.url + "/v1/models", headers=headers).status_code == 200
     assert cli(gw.settings, "keys", "revoke", "to-revoke").returncode == 0
-    import time
-
     deadline = time.monotonic() + 5
     while httpx.get(gw.url + "/v1/models", headers=headers).status_code == 200:
         assert time.monotonic() < deadline, "revocation not seen within 5 s"
@@ -137,6 +136,11 @@ def test_logs_hold_request_ids_and_never_keys(gw: GatewayServer, key: str) -> No
                    headers={"Authorization": f"Bearer {key}", "X-Request-ID": "log-test-1"})
         httpx.post(gw.url + "/v1/chat/completions", json=CHAT,
                    headers={"Authorization": "Bearer " + key[:-2] + "zz"})
+        # The line is written once the response is sent, so just after the client has it.
+        deadline = time.monotonic() + 5
+        while sum('"msg":"request"' in line for line in capture.lines) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
     text = capture.text()
     assert "log-test-1" in text
     assert key[20:] not in text and key[:-2] not in text
