@@ -34,6 +34,11 @@ class GatewayError(Exception):
             self.code = code
         self.headers = headers or {}
 
+    @property
+    def log_code(self) -> str:
+        """What the access log records for this error."""
+        return self.code if self.code is not None else self.type
+
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 

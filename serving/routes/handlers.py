@@ -20,7 +20,7 @@ _HTTP_TYPES = {404: ("not_found", "invalid_request_error"),
 def install(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        context(request.scope).error_code = str(exc.code) if exc.code else exc.type
+        context(request.scope).error_code = exc.log_code
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)

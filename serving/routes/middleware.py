@@ -1,11 +1,10 @@
 """Pure ASGI middleware: request id, per-request context, access log line and metrics.
 
-Never buffers a body: it only watches ``http.response.start`` for the status and counts bytes.
+Never buffers a body: it only watches ``http.response.start`` for the status.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -18,7 +17,6 @@ from serving.logs import request_id_var
 from serving.metrics import GatewayMetrics
 from serving.services.context import RequestContext
 
-log = logging.getLogger("enclave.access")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CONTEXT_KEY = "enclave.ctx"
 ENDPOINTS = {

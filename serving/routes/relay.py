@@ -75,7 +75,7 @@ class RelayResponse(Response):
         try:
             await self._exchange(tracked_send)
         except GatewayError as exc:
-            self.ctx.error_code = str(exc.code)
+            self.ctx.error_code = exc.log_code
             await send_error(tracked_send, exc)
         except asyncio.CancelledError:
             if not self.ctx.client_disconnected:
@@ -154,14 +154,9 @@ class RelayResponse(Response):
         """Upstream 4xx passes through with its message; anything else becomes a 502."""
         body = await _read_capped(response)
         status = response.status
-        message = _upstream_message(body)
         if 400 <= status < 500 and status not in (401, 403):
             self.ctx.error_code = f"upstream_{status}"
-            if message is None:
-                body = error_bytes(f"The engine refused the request ({status}).",
-                                   "invalid_request_error", code=status)
-            else:
-                body = _normalise_error(body, status)
+            body = _normalise_error(body, status)
             headers = [_JSON, (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
@@ -181,24 +176,20 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)[:_MAX_UPSTREAM_ERROR_BODY]
 
 
-def _upstream_message(body: bytes) -> str | None:
+def _normalise_error(body: bytes, status: int) -> bytes:
+    """vLLM's errors are OpenAI-shaped already; keep their message and make sure all four
+    fields are there. A body without a message gets a generic one."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
-    if isinstance(payload, dict):
-        err = payload.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return str(err["message"])
-        if isinstance(payload.get("message"), str):
-            return str(payload["message"])
-    return None
-
-
-def _normalise_error(body: bytes, status: int) -> bytes:
-    """vLLM's errors are OpenAI-shaped already; make sure all four fields are there."""
-    payload = orjson.loads(body)
-    err = payload.get("error") if isinstance(payload.get("error"), dict) else payload
-    return error_bytes(str(err.get("message")), str(err.get("type") or "invalid_request_error"),
+        payload = None
+    err = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(err, dict):
+        err = payload if isinstance(payload, dict) else {}
+    message = err.get("message")
+    if not isinstance(message, str):
+        return error_bytes(f"The engine refused the request ({status}).",
+                           "invalid_request_error", code=status)
+    return error_bytes(message, str(err.get("type") or "invalid_request_error"),
                        err.get("param") if isinstance(err.get("param"), str) else None,
                        err.get("code") if err.get("code") is not None else status)
