@@ -1,4 +1,7 @@
-"""The state database: SQLite by default (WAL, one file), any SQLAlchemy async URL otherwise."""
+"""The state database: SQLite by default (WAL, one file), PostgreSQL when several gateways share
+state; any SQLAlchemy async URL otherwise. The schema is defined here once and created and moved
+forward by the Alembic migrations in ``serving/storage/migrations`` (see ``migrate.py``).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +9,31 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
+    ForeignKey,
     Index,
     MetaData,
     String,
     Table,
+    Text,
     event,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 metadata = MetaData()
+
+clients = Table(
+    "clients",
+    metadata,
+    Column("id", String(64), primary_key=True),  # a slug: "search-api"
+    Column("policy", String(64), nullable=False),  # a policy name from the policy file
+    Column("description", String(500), nullable=False, server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+)
 
 api_keys = Table(
     "api_keys",
@@ -27,18 +43,82 @@ api_keys = Table(
     Column("digest", String(64), nullable=False),  # hex HMAC-SHA256(pepper, key)
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True), nullable=True),
+    Column("client_id", String(64), ForeignKey("clients.id"), nullable=True),
+    Column("scopes", String(200), nullable=False, server_default=""),  # space-separated
+    # "api": a bearer key; "secret": an OAuth client secret, only good at /oauth/token.
+    Column("kind", String(16), nullable=False, server_default="api"),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("last_used_at", DateTime(timezone=True), nullable=True),
+    Column("rotated_from", String(32), nullable=True),
     Index("ix_api_keys_name", "name"),
+    Index("ix_api_keys_client", "client_id"),
 )
+
+# Token signing keys (OAuth client credentials). The private key is sealed with AES-256-GCM under
+# a key derived from the server pepper: a copy of the database alone cannot mint tokens.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("algorithm", String(16), nullable=False),
+    Column("sealed_private_key", Text, nullable=False),
+    Column("public_jwk", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("retired_at", DateTime(timezone=True), nullable=True),
+)
+
+# The budget ledger. One row per client and period ("day" 2026-11-23, "month" 2026-11): tokens
+# settled (used) and tokens held by requests in flight (reserved).
+budget_counters = Table(
+    "budget_counters",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("period", String(10), primary_key=True),
+    Column("used", BigInteger, nullable=False, server_default="0"),
+    Column("reserved", BigInteger, nullable=False, server_default="0"),
+)
+
+# Reservations of requests in flight. Settling deletes the row; a row whose gateway died expires.
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("client_id", String(64), nullable=False),
+    Column("day", String(10), nullable=False),
+    Column("month", String(10), nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_reservations_expires", "expires_at"),
+)
+
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("model", String(64), primary_key=True),
+    Column("day", String(10), primary_key=True),
+    Column("requests", BigInteger, nullable=False, server_default="0"),
+    Column("prompt_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("completion_tokens", BigInteger, nullable=False, server_default="0"),
+)
+
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets the CLI write while the gateway reads; FULL sync so a revocation survives a crash.
+    # WAL lets the CLI write while the gateway reads. synchronous=NORMAL in WAL mode: a commit
+    # survives the process being killed (SIGKILL), as the WAL is in the OS's page cache; only a
+    # power loss can take the last commits. FULL would fsync on every ledger write.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -46,12 +126,10 @@ def create_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         path = Path(parsed.database)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    engine = create_async_engine(url, pool_pre_ping=parsed.get_backend_name() != "sqlite")
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() != "sqlite":
+        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
-
-
-async def create_schema(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)

@@ -1,0 +1,68 @@
+"""The policies in force, reloaded when the file changes (or on demand). A bad file is refused
+with its message logged and returned; the previous policies stay in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from serving.storage.policies import Policy, PolicyError, PolicyFile, load_policies
+
+log = logging.getLogger("enclave.policy")
+
+
+class PolicyStore:
+    def __init__(self, path: Path, known_models: set[str]) -> None:
+        self.path = path
+        self.known_models = known_models
+        self.current: PolicyFile = load_policies(path, known_models)  # raises PolicyError
+        self._stamp = self._file_stamp()
+        self.last_error: str | None = None
+
+    @property
+    def version(self) -> int:
+        return self.current.version
+
+    def get(self, name: str) -> Policy | None:
+        return self.current.policies.get(name)
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def reload(self) -> PolicyFile:
+        """Load the file again; raises PolicyError (and keeps the old policies) when it is bad."""
+        self._stamp = self._file_stamp()
+        try:
+            candidate = load_policies(self.path, self.known_models)
+        except PolicyError as exc:
+            self.last_error = str(exc)
+            log.error("policy file refused; the previous policies stay in force",
+                      extra={"problem": str(exc), "version_in_force": self.current.version})
+            raise
+        if candidate.version < self.current.version:
+            self.last_error = (f"{self.path}: version {candidate.version} is older than the "
+                               f"version in force ({self.current.version})")
+            log.error("policy file refused; the previous policies stay in force",
+                      extra={"problem": self.last_error, "version_in_force": self.version})
+            raise PolicyError(self.last_error)
+        if candidate != self.current:
+            log.info("policies reloaded", extra={"version": candidate.version,
+                                                 "previous_version": self.current.version})
+        self.current, self.last_error = candidate, None
+        return candidate
+
+    async def watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._file_stamp() != self._stamp:
+                try:
+                    self.reload()
+                except PolicyError:
+                    pass  # logged; the old policies stay

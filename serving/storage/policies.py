@@ -1,0 +1,114 @@
+"""Client policies as a file: ``config/policies.yaml``, versioned, validated before use.
+
+A policy says what a client may do: which models (manifest names), which endpoints (scopes),
+caps on a request, rate limits, and token budgets. Loading checks every field, refuses unknown
+ones, and names the file, the policy and the field at fault.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serving.storage.manifests import NAME_RE
+
+Scope = Literal["chat", "completions", "embeddings", "models", "admin"]
+SCOPES: tuple[str, ...] = ("chat", "completions", "embeddings", "models", "admin")
+INFERENCE_SCOPES = frozenset({"chat", "completions", "embeddings", "models"})
+ANY_MODEL = "*"
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the file and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Caps(_Strict):
+    max_tokens: int | None = Field(None, ge=1, description="Largest max_tokens; also the "
+                                   "default when a request gives none.")
+    n: int = Field(1, ge=1, le=128)
+    body_bytes: int | None = Field(None, ge=1024)
+    messages: int | None = Field(None, ge=1)
+
+
+class Limits(_Strict):
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    concurrent: int | None = Field(None, ge=1)
+
+
+class Budgets(_Strict):
+    tokens_per_day: int | None = Field(None, ge=1)
+    tokens_per_month: int | None = Field(None, ge=1)
+
+    @property
+    def any(self) -> bool:
+        return self.tokens_per_day is not None or self.tokens_per_month is not None
+
+
+class Policy(_Strict):
+    description: str = ""
+    models: tuple[str, ...] = ()
+    scopes: tuple[Scope, ...] = Field(min_length=1)
+    caps: Caps = Caps()
+    limits: Limits = Limits()
+    budgets: Budgets = Budgets()
+
+    @model_validator(mode="after")
+    def _admin_alone(self) -> Policy:
+        if "admin" in self.scopes and len(self.scopes) > 1:
+            raise ValueError("the admin scope cannot be combined with inference scopes: "
+                             "give operators a client of their own")
+        if "admin" in self.scopes and self.models:
+            raise ValueError("an admin policy cannot list models")
+        if len(set(self.scopes)) != len(self.scopes):
+            raise ValueError("scopes repeat")
+        return self
+
+    def allows_model(self, model: str) -> bool:
+        return ANY_MODEL in self.models or model in self.models
+
+
+class PolicyFile(_Strict):
+    version: int = Field(ge=1, description="Bump on every change; the gateway reports it.")
+    policies: dict[str, Policy] = Field(min_length=1)
+
+
+def parse_policies(text: str, source: str, known_models: set[str] | None) -> PolicyFile:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{source}: expected a mapping at the top level")
+    try:
+        parsed = PolicyFile.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors())
+        raise PolicyError(f"{source}: {problems}") from None
+    for name, policy in parsed.policies.items():
+        if not re.fullmatch(NAME_RE, name):
+            raise PolicyError(f"{source}: policies.{name}: a policy name must match {NAME_RE}")
+        if known_models is not None:
+            unknown = sorted(set(policy.models) - known_models - {ANY_MODEL})
+            if unknown:
+                raise PolicyError(f"{source}: policies.{name}.models: unknown model(s) "
+                                  f"{', '.join(unknown)}; known: {', '.join(sorted(known_models))}")
+    return parsed
+
+
+def load_policies(path: Path, known_models: set[str] | None) -> PolicyFile:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_policies(text, str(path), known_models)
