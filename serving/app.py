@@ -14,56 +14,100 @@ from fastapi import FastAPI
 
 from serving import __version__
 from serving.metrics import GatewayMetrics
-from serving.routes import handlers, inference, ops
+from serving.routes import admin, handlers, inference, oauth, ops
 from serving.routes.middleware import RequestMiddleware
+from serving.services.admission import Gatekeeper
 from serving.services.auth import KeyService
+from serving.services.budgets import BudgetLedger
+from serving.services.clients import ClientService
 from serving.services.engines import EnginePool
+from serving.services.policy import PolicyStore
 from serving.services.proxy import Upstream, new_session
+from serving.services.ratelimits import RateLimiter
+from serving.services.tokens import ExternalIdP, TokenIssuer, TokenVerifier, check_jwks_url
 from serving.settings import Settings, is_allowed_engine_host
-from serving.storage.db import create_engine, create_schema
+from serving.storage import migrate
+from serving.storage.clients import ClientRepository
+from serving.storage.db import create_engine
 from serving.storage.keys import KeyRepository
+from serving.storage.ledger import LedgerRepository
 from serving.storage.manifests import load_manifests
+from serving.storage.signing import SigningKeyRepository
 
 log = logging.getLogger("enclave.gateway")
 
 
 def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
                transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """Build the gateway. Fails fast on unsafe settings or bad manifests."""
+    """Build the gateway. Fails fast on unsafe settings, bad manifests or a bad policy file."""
     pepper = settings.load_pepper()
     manifests = load_manifests(settings.models_dir)
     if not is_allowed_engine_host(engine_host, settings.allow_remote_engines):
         raise ValueError(f"engine host {engine_host} is not loopback or private; set "
                          "ENCLAVE_ALLOW_REMOTE_ENGINES=true only behind a closed network")
+    external = None
+    if settings.oidc_issuer and settings.oidc_audience and settings.oidc_jwks_url:
+        external = ExternalIdP(settings.oidc_issuer, settings.oidc_audience,
+                               check_jwks_url(settings.oidc_jwks_url),
+                               settings.oidc_client_claim)
     metrics = GatewayMetrics()
     pool = EnginePool(manifests, engine_host=engine_host)
+    policies = PolicyStore(settings.policies_file, set(pool.routes))  # raises PolicyError
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = create_engine(settings.resolved_database_url)
-        await create_schema(db)
-        # Health checks go through httpx; the proxied requests through aiohttp (hot path).
+        if settings.auto_migrate:
+            await migrate.upgrade(db)
+        # Health checks and JWKS fetches go through httpx; proxied requests through aiohttp.
         client = httpx.AsyncClient(timeout=5.0, transport=transport, trust_env=False,
                                    follow_redirects=False)
         session = new_session(settings.upstream_connect_timeout_s,
                               settings.upstream_read_timeout_s)
+        limiter = RateLimiter(settings.redis_url, lease_ttl_s=settings.reservation_ttl_s)
+        ledger = BudgetLedger(LedgerRepository(db), settings.reservation_ttl_s)
+        ledger.start()
+        issuer = TokenIssuer(SigningKeyRepository(db), pepper, settings.oauth_issuer,
+                             settings.oauth_audience, settings.oauth_token_ttl_s)
+        await issuer.start()
+        keys = KeyService(KeyRepository(db), pepper, settings.key_cache_ttl_s)
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.pool = pool
-        app.state.keys = KeyService(KeyRepository(db), pepper, settings.key_cache_ttl_s)
+        app.state.policies = policies
+        app.state.keys = keys
+        app.state.clients = ClientService(ClientRepository(db), policies,
+                                          settings.key_cache_ttl_s)
+        app.state.ledger = ledger
+        app.state.token_issuer = issuer
+        app.state.tokens = TokenVerifier(issuer, external, client)
+        app.state.gate = Gatekeeper(policies, limiter, ledger, metrics)
         app.state.upstream = Upstream(session, pool, retry_after_s=settings.retry_after_s,
                                       connect_retries=settings.upstream_connect_retries)
         await pool.check_all(client)
-        watcher = asyncio.create_task(pool.watch(client, settings.engine_health_interval_s))
+        background = [
+            asyncio.create_task(pool.watch(client, settings.engine_health_interval_s)),
+            asyncio.create_task(policies.watch(settings.policy_reload_interval_s)),
+            asyncio.create_task(ledger.keep_swept(settings.ledger_sweep_interval_s)),
+            asyncio.create_task(keys.keep_last_used(settings.last_used_flush_s)),
+            asyncio.create_task(_refresh_signing_keys(issuer)),
+        ]
         log.info("gateway ready", extra={
             "models": sorted(pool.routes), "version": __version__,
-            "engines_up": sum(e.healthy for e in pool.engines), "engines": len(pool.engines)})
+            "engines_up": sum(e.healthy for e in pool.engines), "engines": len(pool.engines),
+            "policy_version": policies.version, "shared_limits": limiter.shared,
+            "database": db.dialect.name})
         try:
             yield
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await ledger.stop()  # queued settlements are written before the database closes
+            await keys.flush_last_used()
+            await limiter.close()
             await client.aclose()
             await session.close()
             await db.dispose()
@@ -72,6 +116,19 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
                   docs_url=None, redoc_url=None, openapi_url=None)
     handlers.install(app)
     app.include_router(inference.router)
+    app.include_router(oauth.router)
+    app.include_router(admin.router)
     app.include_router(ops.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log)
     return app
+
+
+async def _refresh_signing_keys(issuer: TokenIssuer, interval_s: float = 30.0) -> None:
+    """Pick up keys rotated by another gateway or the CLI."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await issuer.refresh()
+        except Exception:  # the next round tries again
+            log.warning("could not refresh token signing keys", exc_info=True)
+

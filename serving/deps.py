@@ -10,11 +10,14 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from serving.errors import AuthenticationFailed
+from serving.errors import AuthenticationFailed, PermissionDenied
 from serving.routes.middleware import context
 from serving.services.auth import KeyService
 from serving.services.auth import Principal as PrincipalT
+from serving.services.clients import ClientService
 from serving.services.engines import EnginePool
+from serving.services.tokens import TokenRejected, TokenVerifier, looks_like_jwt
+from serving.storage.policies import INFERENCE_SCOPES
 
 
 async def engine_pool(request: Request) -> EnginePool:
@@ -22,20 +25,60 @@ async def engine_pool(request: Request) -> EnginePool:
     return pool
 
 
-async def authenticate(request: Request) -> PrincipalT:
+def bearer(request: Request) -> str:
     header = request.headers.get("authorization")
     if header is None:
         raise AuthenticationFailed()
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key:
+    scheme, _, value = header.partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value:
         raise AuthenticationFailed()
-    keys: KeyService = request.app.state.keys
-    principal = await keys.verify(key.strip())
-    if principal is None:
-        raise AuthenticationFailed()
-    context(request.scope).key_id = principal.key_id
+    return value
+
+
+async def authenticate(request: Request) -> PrincipalT:
+    """An API key or a signed token (ours or the configured identity provider's)."""
+    credential = bearer(request)
+    state = request.app.state
+    ctx = context(request.scope)
+    if looks_like_jwt(credential):
+        principal = await _from_token(credential, state.tokens, state.clients)
+    else:
+        keys: KeyService = state.keys
+        record = await keys.verify(credential)
+        if record is None:
+            raise AuthenticationFailed()
+        principal = keys.principal(record)
+    ctx.key_id = principal.key_id
+    ctx.client_id = principal.client_id
+    return principal
+
+
+async def _from_token(token: str, verifier: TokenVerifier,
+                      clients: ClientService) -> PrincipalT:
+    try:
+        claims = await verifier.verify(token)
+    except TokenRejected as exc:
+        raise AuthenticationFailed(f"Invalid access token: {exc}.") from None
+    client = await clients.get(claims.client_id)
+    if client is None or not client.active:
+        raise AuthenticationFailed("Invalid access token: unknown or disabled client.")
+    # A provider's token that says nothing about scopes gets the inference scopes, bounded by
+    # the client's policy; admin must always be asked for explicitly.
+    scopes = claims.scopes if claims.scopes is not None else INFERENCE_SCOPES
+    return PrincipalT(key_id=f"jwt:{claims.token_id[:16]}", name=client.id,
+                      client_id=client.id, policy=client.policy, scopes=frozenset(scopes),
+                      via="token")
+
+
+async def require_admin(request: Request) -> PrincipalT:
+    principal = await authenticate(request)
+    policy = request.app.state.policies.get(principal.policy) if principal.policy else None
+    if "admin" not in principal.scopes or policy is None or "admin" not in policy.scopes:
+        raise PermissionDenied("The admin API needs a key or token with the 'admin' scope.")
     return principal
 
 
 Principal = Annotated[PrincipalT, Depends(authenticate)]
+Admin = Annotated[PrincipalT, Depends(require_admin)]
 Pool = Annotated[EnginePool, Depends(engine_pool)]

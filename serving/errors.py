@@ -4,9 +4,13 @@
     ├── InvalidRequest                (400 invalid_request_error)
     │   └── PayloadTooLarge           (413)
     ├── AuthenticationFailed          (401 invalid_api_key)
+    ├── PermissionDenied              (403 permission_denied)
+    ├── RateLimited                   (429 rate_limit_exceeded + Retry-After)
+    │   └── QuotaExceeded             (429 insufficient_quota + Retry-After)
     ├── NotFound                      (404)
     │   └── ModelNotFound             (404 model_not_found)
     ├── EngineUnavailable             (503 + Retry-After)
+    ├── StoreUnavailable              (503 state_store_unavailable)
     ├── EngineTimeout                 (504)
     └── EngineBadResponse             (502)
 
@@ -64,6 +68,26 @@ class AuthenticationFailed(GatewayError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class QuotaExceeded(RateLimited):
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
@@ -81,6 +105,15 @@ class EngineUnavailable(GatewayError):
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class StoreUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "state_store_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
 
 
 class EngineTimeout(GatewayError):

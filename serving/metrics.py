@@ -1,7 +1,8 @@
 """The gateway's Prometheus metrics, in a registry of its own (one per app).
 
 Labels carry only bounded values: the route template, a manifest's model name (or ``unknown``),
-the status code. Never a key, a client secret or request text.
+the status code, a client name (clients are created by operators, not by callers). Never a
+key, a client secret or request text.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ class GatewayMetrics:
         self.engine_up = Gauge(
             "enclave_engine_up", "1 when the engine answers /health.", ["model", "deployment"],
             registry=r)
+        self.rejections = Counter(
+            "enclave_rejections", "Requests refused by a client's policy, by reason: scope, "
+            "model, no_policy, rate_requests, rate_tokens, concurrency, budget_day, "
+            "budget_month.", ["client", "reason"], registry=r)
+        self.client_tokens = Counter(
+            "enclave_client_tokens", "Tokens charged to a client's budget, by model.",
+            ["client", "model"], registry=r)
         self.client_disconnects = Counter(
             "enclave_client_disconnects", "Requests the client abandoned before the end.",
             ["endpoint", "model"], registry=r)

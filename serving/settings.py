@@ -30,6 +30,11 @@ def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "enclave"
 
 
+def _default_policies_file() -> Path:
+    here = Path(__file__).resolve().parent.parent / "config" / "policies.yaml"
+    return here if here.is_file() else Path("config") / "policies.yaml"
+
+
 def _default_models_dir() -> Path:
     # The repository's models/ when running from a checkout; otherwise ./models.
     here = Path(__file__).resolve().parent.parent / "models"
@@ -46,7 +51,27 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     models_dir: Path = Field(default_factory=_default_models_dir)
-    database_url: str | None = None
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; default SQLite in data_dir. PostgreSQL: "
+        "postgresql+asyncpg://user:pass@host/db")
+    auto_migrate: bool = Field(True, description="Apply schema migrations at start.")
+    policies_file: Path = Field(default_factory=_default_policies_file)
+    policy_reload_interval_s: float = Field(2.0, gt=0)
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db: rate limits shared by every gateway")
+    reservation_ttl_s: float = Field(
+        900.0, ge=10, description="A budget reservation not settled by then (its gateway "
+        "died) is released")
+    ledger_sweep_interval_s: float = Field(30.0, gt=0)
+    last_used_flush_s: float = Field(5.0, gt=0)
+
+    oauth_issuer: str = Field("enclave", min_length=1)
+    oauth_audience: str = Field("enclave-gateway", min_length=1)
+    oauth_token_ttl_s: int = Field(600, ge=30, le=86400)
+    oidc_issuer: str | None = Field(None, description="An external identity provider's issuer")
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+    oidc_client_claim: str = Field("azp", description="The claim naming the Enclave client")
 
     pepper: SecretStr | None = None
     pepper_file: Path | None = None
@@ -68,6 +93,15 @@ class Settings(BaseSettings):
     def _refuse_unsafe(self) -> Settings:
         if self.pepper is not None and self.pepper_file is not None:
             raise ValueError("set ENCLAVE_PEPPER or ENCLAVE_PEPPER_FILE, not both")
+        oidc = (self.oidc_issuer, self.oidc_audience, self.oidc_jwks_url)
+        if any(oidc) and not all(oidc):
+            raise ValueError("an external identity provider needs ENCLAVE_OIDC_ISSUER, "
+                             "ENCLAVE_OIDC_AUDIENCE and ENCLAVE_OIDC_JWKS_URL together")
+        if self.oidc_issuer is not None and self.oidc_issuer == self.oauth_issuer:
+            raise ValueError("ENCLAVE_OIDC_ISSUER must differ from ENCLAVE_OAUTH_ISSUER")
+        if self.redis_url is not None and not self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ValueError("ENCLAVE_REDIS_URL must start with redis://, rediss:// or unix://")
         return self
 
     @property

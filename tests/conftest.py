@@ -141,8 +141,15 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
-@pytest.fixture(scope="session")
-def api_key(gateway: GatewayServer) -> str:
-    out = cli(gateway.settings, "keys", "create", "--name", "tests")
+def new_key(settings: Settings, client: str, policy: str = "default", *args: str) -> str:
+    """A key for ``client`` (created with ``policy`` if it does not exist), via the real CLI."""
+    made = cli(settings, "clients", "create", client, "--policy", policy)
+    assert made.returncode == 0 or "exists already" in made.stderr, made.stderr
+    out = cli(settings, "keys", "create", "--client", client, *args)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def api_key(gateway: GatewayServer) -> str:
+    return new_key(gateway.settings, "tests")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from serving import __version__
+from serving.cli.admin import db, oauth, policies, usage
 from serving.cli.bench import bench
+from serving.cli.clients import clients
 from serving.cli.keys import keys
 from serving.cli.models import models
 from serving.cli.up import engines, gateway, up
@@ -20,7 +22,12 @@ def cli() -> None:
 cli.add_command(up)
 cli.add_command(gateway)
 cli.add_command(engines)
+cli.add_command(clients)
 cli.add_command(keys)
+cli.add_command(policies)
+cli.add_command(usage)
+cli.add_command(oauth)
+cli.add_command(db)
 cli.add_command(models)
 cli.add_command(bench)
 

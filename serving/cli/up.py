@@ -9,15 +9,16 @@ import uvloop
 
 from serving import logs
 from serving.cli import serve
-from serving.cli.common import console, fail, load_settings, stdout, with_keys
+from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
 from serving.cli.models import build_demo_model, ensure_engine_env
 from serving.engines.sources import resolve_model_dir
 from serving.engines.supervisor import Supervisor, WeightsError
-from serving.services.auth import IssuedKey, KeyService
+from serving.services.auth import IssuedKey
 from serving.settings import Settings
 from serving.storage.manifests import ManifestError, load_manifests
 
-DEMO_KEY_NAME = "demo"
+DEMO_CLIENT = "demo"
+DEMO_POLICY = "default"
 
 
 def _supervisor(settings: Settings) -> Supervisor:
@@ -48,11 +49,23 @@ def _gateway(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def _demo_key(settings: Settings) -> str:
-    async def rotate(svc: KeyService) -> IssuedKey:
-        await svc.revoke(DEMO_KEY_NAME)
-        return await svc.issue(DEMO_KEY_NAME)
+    """A fresh key for the "demo" client (created on first run with the default policy)."""
 
-    return with_keys(settings, rotate).key
+    async def rotate(store: Store) -> IssuedKey:
+        client = await store.clients.get(DEMO_CLIENT)
+        if client is None:
+            try:
+                client = await store.clients.create(DEMO_CLIENT, DEMO_POLICY,
+                                                    "made by `enclave up`")
+            except ValueError as exc:
+                fail(f"cannot create the demo client: {exc}")
+        policy = store.policies.get(client.policy)
+        if policy is None:
+            fail(f"the demo client's policy {client.policy!r} is not in {store.policies.path}")
+        await store.keys.revoke(DEMO_CLIENT)
+        return await store.keys.issue(client.id, policy.scopes, name=DEMO_CLIENT)
+
+    return with_store(settings, rotate).key
 
 
 def print_snippet(settings: Settings, key: str) -> None:
@@ -64,8 +77,9 @@ def print_snippet(settings: Settings, key: str) -> None:
   endpoint  {base}
   models    demo-chat (chat, completions), minilm-embed (embeddings)
   api key   {key}
-            (the "demo" key: shown once, replaced at the next `enclave up`;
-             make your own with `enclave keys create --name NAME`)
+            (client "demo", policy "default": shown once, replaced at the next
+             `enclave up`; your own: `enclave clients create NAME --policy default`,
+             then `enclave keys create --client NAME --expires 90d`)
 
 [bold]curl[/]
   curl {base}/chat/completions -H "Authorization: Bearer {key}" \\

@@ -34,7 +34,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("Invalid request.", "invalid_request_error"),
+        # Name the field and the rule, never echo the value given.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(where) or None
+        message = f"Invalid request: {param or 'body'}: {first.get('msg', 'invalid')}."
+        context(request.scope).error_code = "invalid_request"
+        return JSONResponse(error_body(message, "invalid_request_error", param),
                               status_code=400)
 
     @app.exception_handler(Exception)

@@ -27,6 +27,8 @@ ENDPOINTS = {
     "/healthz": "healthz",
     "/readyz": "readyz",
     "/metrics": "metrics",
+    "/oauth/token": "oauth_token",
+    "/.well-known/jwks.json": "jwks",
 }
 _QUIET = frozenset({"healthz", "readyz", "metrics"})
 
@@ -47,8 +49,10 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
+        path = scope["path"]
+        endpoint = ENDPOINTS.get(path) or ("admin" if path.startswith("/admin/") else "other")
         ctx = RequestContext(request_id=request_id, started=time.perf_counter(),
-                             endpoint=ENDPOINTS.get(scope["path"], "other"))
+                             endpoint=endpoint)
         scope[CONTEXT_KEY] = ctx
         token = request_id_var.set(request_id)
         status = 500
@@ -95,8 +99,8 @@ class RequestMiddleware:
                 "status": status,
                 "duration_ms": round(elapsed * 1000, 2),
             }
-            for name in ("key_id", "model", "engine", "prompt_tokens", "completion_tokens",
-                         "error_code"):
+            for name in ("key_id", "client_id", "model", "engine", "prompt_tokens",
+                         "completion_tokens", "error_code"):
                 value = getattr(ctx, name)
                 if value is not None:
                     extra[name] = value

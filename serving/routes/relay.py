@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from serving.errors import EngineBadResponse, EngineTimeout, GatewayError, error_bytes
+from serving.services.admission import Admission, Gatekeeper
 from serving.services.context import RequestContext
 from serving.services.proxy import TIMEOUTS, TRANSPORT_ERRORS, Upstream
 from serving.services.requests import PATHS, ParsedRequest
@@ -41,11 +42,14 @@ async def send_error(send: Send, exc: GatewayError) -> None:
 class RelayResponse(Response):
     """A Starlette response (so FastAPI passes it through) that does its own sending."""
 
-    def __init__(self, upstream: Upstream, parsed: ParsedRequest, ctx: RequestContext) -> None:
+    def __init__(self, upstream: Upstream, parsed: ParsedRequest, ctx: RequestContext,
+                 gate: Gatekeeper, admission: Admission) -> None:
         super().__init__()
         self.upstream = upstream
         self.parsed = parsed
         self.ctx = ctx
+        self.gate = gate
+        self.admission = admission
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One watcher task per request (cheaper than a task group on the hot path): when the
@@ -83,12 +87,16 @@ class RelayResponse(Response):
             this_task.uncancel()  # ours: the client left; nothing more to send
         finally:
             watcher.cancel()
+            # However the exchange ended: settle the budget, give back the concurrent slot.
+            await self.gate.finish(self.admission, self.ctx)
 
     async def _exchange(self, send: Send) -> None:
         p, ctx = self.parsed, self.ctx
+        ctx.forwarding = True
         engine, response = await self.upstream.open(
-            p.route, PATHS[p.endpoint], p.body, ctx.request_id)
+            p.route, PATHS[p.endpoint], p.body, ctx.request_id, p.engine)
         ctx.engine = engine.name
+        ctx.upstream_status = response.status
         engine.in_flight += 1
         try:
             if response.status != 200:
@@ -119,7 +127,8 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": body})
 
     async def _relay_stream(self, send: Send, response: aiohttp.ClientResponse) -> None:
-        acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage)
+        acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage,
+                                chunk_usage=self.parsed.chunk_usage)
         started = False
         try:
             async for chunk in response.content.iter_any():

@@ -146,7 +146,7 @@ class KeyService:
         used, self._used = self._used, {}
         try:
             await self._repo.touch(used)
-        except Exception:  # noqa: BLE001 - last-used is informative; never fail a request on it
+        except Exception:  # last-used is informative; never fail a request on it
             log.warning("could not record key last-used times", exc_info=True)
 
     async def keep_last_used(self, interval_s: float) -> None:

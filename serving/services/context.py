@@ -14,6 +14,7 @@ class RequestContext:
     started: float
     endpoint: str = "other"
     key_id: str | None = None
+    client_id: str | None = None
     model: str | None = None  # a manifest name, never an arbitrary client string
     engine: str | None = None
     stream: bool = False
@@ -22,3 +23,5 @@ class RequestContext:
     ttft_s: float | None = None
     error_code: str | None = None
     client_disconnected: bool = False
+    forwarding: bool = False  # the request was handed to an engine
+    upstream_status: int | None = None  # the engine's HTTP status, once it answered

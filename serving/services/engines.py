@@ -43,8 +43,9 @@ class ModelRoute:
     max_model_len: int
     engines: list[EngineState] = field(default_factory=list)
 
-    def pick(self) -> EngineState | None:
-        candidates = [e for e in self.engines if e.healthy and e.deployment.weight > 0]
+    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> EngineState | None:
+        candidates = [e for e in self.engines
+                      if e.healthy and e.deployment.weight > 0 and e.name not in exclude]
         if not candidates:
             return None
         if len(candidates) == 1:

@@ -5,6 +5,7 @@ with its message logged and returned; the previous policies stay in force.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -62,7 +63,5 @@ class PolicyStore:
         while True:
             await asyncio.sleep(interval_s)
             if self._file_stamp() != self._stamp:
-                try:
+                with contextlib.suppress(PolicyError):  # logged; the old policies stay
                     self.reload()
-                except PolicyError:
-                    pass  # logged; the old policies stay

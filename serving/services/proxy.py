@@ -46,13 +46,19 @@ class Upstream:
             f"The model '{model}' has no engine available right now. Retry later.",
             self._retry_after)
 
-    async def open(self, route: ModelRoute, path: str, body: bytes,
-                   request_id: str) -> tuple[EngineState, aiohttp.ClientResponse]:
+    async def open(self, route: ModelRoute, path: str, body: bytes, request_id: str,
+                   pinned: EngineState | None = None) -> tuple[EngineState, aiohttp.ClientResponse]:
+        """``pinned``: the one engine to use (a version the client named, even at traffic weight
+        0, for canary checks); no other version is tried for it. Otherwise a weighted pick,
+        moving to another healthy version (never one already tried) when a connect fails."""
         headers = {"content-type": "application/json", "x-request-id": request_id}
         tried: set[str] = set()
-        for _ in range(self._retries + 1):
-            engine = route.pick()
-            if engine is None or (engine.name in tried and len(tried) >= len(route.engines)):
+        for _ in range(1 if pinned is not None else self._retries + 1):
+            if pinned is not None:
+                engine = pinned if pinned.healthy else None
+            else:
+                engine = route.pick(exclude=tried)
+            if engine is None:
                 break
             tried.add(engine.name)
             try:

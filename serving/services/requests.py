@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from serving.errors import InvalidRequest, ModelNotFound
-from serving.services.engines import EnginePool, ModelRoute
+from serving.services.engines import EnginePool, EngineState, ModelRoute
 from serving.storage.manifests import ENDPOINTS_BY_TASK
 
 PATHS = {
@@ -29,6 +29,8 @@ class ParsedRequest:
     body: bytes  # what goes to the engine
     stream: bool
     client_wants_usage: bool
+    chunk_usage: str = "keep"  # what the relay does with per-event usage: keep, null, drop
+    engine: EngineState | None = None  # a pinned version (``model@version``)
 
 
 def decode(raw: bytes) -> dict[str, Any]:
@@ -41,24 +43,38 @@ def decode(raw: bytes) -> dict[str, Any]:
     return payload
 
 
-def resolve_model(payload: dict[str, Any], endpoint: str, pool: EnginePool) -> ModelRoute:
+def resolve_model(payload: dict[str, Any], endpoint: str,
+                  pool: EnginePool) -> tuple[ModelRoute, EngineState | None]:
+    """The model route the request names, and the engine when it pins a version
+    (``demo-chat@v1``). Names match exactly: no case folding, no trimming, no aliases of aliases.
+    """
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required and must be a string.", param="model")
-    route = pool.route(model)
+    alias, at, version = model.partition("@")
+    route = pool.route(alias)
+    engine = None
+    if route is not None and at:
+        engine = next((e for e in route.engines if e.deployment.version.name == version), None)
+        if engine is None:
+            route = None
     if route is None:
         # The name is the client's own string; it is safe to say which model, trimmed.
-        raise ModelNotFound(f"The model '{model[:100]}' does not exist.", param="model")
+        raise ModelNotFound(f"The model '{model[:100]}' does not exist or you do not have "
+                            "access to it.", param="model")
     if endpoint not in ENDPOINTS_BY_TASK[route.task]:
         raise InvalidRequest(
-            f"The model '{model}' does not support {PATHS[endpoint]}.", param="model",
+            f"The model '{alias}' does not support {PATHS[endpoint]}.", param="model",
             code="unsupported_endpoint")
-    return route
+    if engine is not None:
+        payload["model"] = alias  # the engine serves every version under the alias
+    return route, engine
 
 
-def validate(payload: dict[str, Any], raw: bytes, endpoint: str,
-             route: ModelRoute) -> ParsedRequest:
-    """Check the fields the gateway acts on; return what to send to the engine."""
+def validate(payload: dict[str, Any], raw: bytes, endpoint: str, route: ModelRoute,
+             engine: EngineState | None = None, changed: bool = False) -> ParsedRequest:
+    """Check the fields the gateway acts on; return what to send to the engine. ``changed``:
+    the payload was modified (a pinned version, a policy default) and must be re-encoded."""
     _check_shape(payload, endpoint)
     _check_max_tokens(payload, route)
 
@@ -71,18 +87,23 @@ def validate(payload: dict[str, Any], raw: bytes, endpoint: str,
         raise InvalidRequest("Embeddings cannot be streamed.", param="stream")
 
     wants_usage = False
-    body = raw
+    chunk_usage = "keep"
     if stream:
         options = payload.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
         wants_usage = bool(options and options.get("include_usage") is True)
-        if not wants_usage:
-            # Always obtain usage so streamed tokens are counted; the usage-only event is
-            # stripped on the way back.
-            payload["stream_options"] = {**(options or {}), "include_usage": True}
-            body = orjson.dumps(payload)
-    return ParsedRequest(endpoint, route, body, stream, wants_usage)
+        wants_continuous = wants_usage and bool(options and
+                                                options.get("continuous_usage_stats") is True)
+        if not wants_continuous:
+            chunk_usage = "null" if wants_usage else "drop"
+            # Usage on every event, so that every token streamed is counted even when the
+            # client goes away mid-stream; what the client did not ask for is removed.
+            payload["stream_options"] = {**(options or {}), "include_usage": True,
+                                         "continuous_usage_stats": True}
+            changed = True
+    body = orjson.dumps(payload) if changed else raw
+    return ParsedRequest(endpoint, route, body, stream, wants_usage, chunk_usage, engine)
 
 
 def _check_shape(payload: dict[str, Any], endpoint: str) -> None:

@@ -1,14 +1,18 @@
-"""Reading usage out of an OpenAI-style SSE stream while relaying it untouched.
+"""Reading usage out of an OpenAI-style SSE stream while relaying it.
 
-The gateway asks the engine for ``stream_options.include_usage`` on every stream, so the last
-event carries the token counts. Events are forwarded as soon as they are complete; only an event
-that carries a usage object is parsed, and the usage-only event is dropped when the client did
-not ask for it. Nothing else is decoded or re-encoded.
+The gateway asks the engine for ``stream_options.include_usage`` and ``continuous_usage_stats``
+on every stream, so every event carries the token counts so far: a stream the client abandons
+is still charged exactly what the engine had generated. Events are forwarded as soon as they are
+complete. What the client did not ask for is taken out on the way: the usage-only last event
+without ``include_usage``; the per-event usage without ``continuous_usage_stats`` (``null`` when
+the client asked for ``include_usage``, as OpenAI sends it, absent otherwise). Events without a
+usage object pass through untouched.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 
@@ -19,8 +23,10 @@ _MAX_PENDING = 1 << 20  # an event larger than this is relayed as it is, unparse
 
 
 class StreamAccountant:
-    def __init__(self, strip_usage_event: bool) -> None:
+    def __init__(self, strip_usage_event: bool, chunk_usage: str = "keep") -> None:
+        """``chunk_usage``: what to do with usage on content events: "keep", "null", "drop"."""
         self._strip = strip_usage_event
+        self._chunk_usage = chunk_usage
         self._pending = b""
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
@@ -45,8 +51,16 @@ class StreamAccountant:
         for event in complete.split(_SEP):
             if not event:
                 continue
-            if self._account(event) and self._strip:
-                continue
+            kind, payload = self._account(event)
+            if kind == "usage_only":
+                if self._strip:
+                    continue
+            elif kind == "content" and payload is not None and self._chunk_usage != "keep":
+                if self._chunk_usage == "null":
+                    payload["usage"] = None
+                else:
+                    del payload["usage"]
+                event = b"data: " + orjson.dumps(payload)
             out.append(event + _SEP)
         return b"".join(out)
 
@@ -54,23 +68,28 @@ class StreamAccountant:
         rest, self._pending = self._pending, b""
         return rest
 
-    def _account(self, event: bytes) -> bool:
-        """Record usage from one event; True when it is the usage-only event (no choices)."""
-        for line in event.split(b"\n"):
-            if not line.startswith(b"data:"):
-                continue
-            try:
-                payload = orjson.loads(line[5:])
-            except orjson.JSONDecodeError:
-                return False
-            if not isinstance(payload, dict):
-                return False
-            usage = payload.get("usage")
-            if isinstance(usage, dict):
-                self.prompt_tokens = _int(usage.get("prompt_tokens"))
-                self.completion_tokens = _int(usage.get("completion_tokens"))
-                return payload.get("choices") == []
-        return False
+    def _account(self, event: bytes) -> tuple[str, dict[str, Any] | None]:
+        """Record usage from one event. Returns ("usage_only" | "content" | "other", the
+        decoded payload when it carries usage)."""
+        lines = event.split(b"\n")
+        if len(lines) != 1 or not lines[0].startswith(b"data:"):
+            return "other", None  # multi-line or comment events: relayed as they are
+        try:
+            payload = orjson.loads(lines[0][5:])
+        except orjson.JSONDecodeError:
+            return "other", None
+        if not isinstance(payload, dict):
+            return "other", None
+        usage = payload.get("usage")
+        if not isinstance(usage, dict):
+            return "other", None
+        prompt = _int(usage.get("prompt_tokens"))
+        completion = _int(usage.get("completion_tokens"))
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        if completion is not None:
+            self.completion_tokens = completion
+        return ("usage_only" if payload.get("choices") == [] else "content"), payload
 
 
 def usage_from_body(body: bytes) -> tuple[int | None, int | None]:

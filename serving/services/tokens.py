@@ -147,7 +147,7 @@ class TokenIssuer:
                     self._sealer.unseal(r.sealed_private_key, r.kid), password=None)
                 assert isinstance(loaded, Ed25519PrivateKey)
                 private = loaded
-            except Exception:  # noqa: BLE001 - a key sealed under another pepper: skip it
+            except Exception:  # a key sealed under another pepper: skip it
                 log.error("cannot unseal a token signing key (another pepper?)",
                           extra={"kid": r.kid})
         return _Key(r.kid, public, private, jwk, r.created_at, r.retired_at)

@@ -31,22 +31,22 @@ class _Strict(BaseModel):
 
 
 class Caps(_Strict):
-    max_tokens: int | None = Field(None, ge=1, description="Largest max_tokens; also the "
+    max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens; also the "
                                    "default when a request gives none.")
-    n: int = Field(1, ge=1, le=128)
-    body_bytes: int | None = Field(None, ge=1024)
-    messages: int | None = Field(None, ge=1)
+    n: int = Field(default=1, ge=1, le=128)
+    body_bytes: int | None = Field(default=None, ge=1024)
+    messages: int | None = Field(default=None, ge=1)
 
 
 class Limits(_Strict):
-    requests_per_minute: int | None = Field(None, ge=1)
-    tokens_per_minute: int | None = Field(None, ge=1)
-    concurrent: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    concurrent: int | None = Field(default=None, ge=1)
 
 
 class Budgets(_Strict):
-    tokens_per_day: int | None = Field(None, ge=1)
-    tokens_per_month: int | None = Field(None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
+    tokens_per_month: int | None = Field(default=None, ge=1)
 
     @property
     def any(self) -> bool:
@@ -57,9 +57,9 @@ class Policy(_Strict):
     description: str = ""
     models: tuple[str, ...] = ()
     scopes: tuple[Scope, ...] = Field(min_length=1)
-    caps: Caps = Caps()
-    limits: Limits = Limits()
-    budgets: Budgets = Budgets()
+    caps: Caps = Field(default_factory=Caps)
+    limits: Limits = Field(default_factory=Limits)
+    budgets: Budgets = Field(default_factory=Budgets)
 
     @model_validator(mode="after")
     def _admin_alone(self) -> Policy:

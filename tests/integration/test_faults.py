@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Engines, gateway_settings
+from tests.conftest import Engines, gateway_settings, new_key
 from tests.support import GatewayServer, running_gateway
 
 pytestmark = pytest.mark.engine
@@ -27,9 +27,8 @@ def impatient_gateway(engines: Engines, tmp_path: Path) -> Iterator[GatewayServe
 
 
 def test_an_engine_too_slow_gives_504(impatient_gateway: GatewayServer) -> None:
-    from tests.conftest import cli
 
-    key = cli(impatient_gateway.settings, "keys", "create", "--name", "t").stdout.strip()
+    key = new_key(impatient_gateway.settings, "t")
     resp = httpx.post(impatient_gateway.url + "/v1/chat/completions", timeout=30,
                       headers={"Authorization": f"Bearer {key}"},
                       json={**CHAT, "max_tokens": 2000, "ignore_eos": True})

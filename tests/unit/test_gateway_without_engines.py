@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from serving.services.auth import PREFIX
-from tests.conftest import cli, gateway_settings
+from tests.conftest import cli, gateway_settings, new_key
 from tests.support import GatewayServer, LogCapture, copy_manifests, running_gateway
 
 
@@ -23,9 +23,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
 
 @pytest.fixture(scope="module")
 def key(gw: GatewayServer) -> str:
-    out = cli(gw.settings, "keys", "create", "--name", "unit")
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return new_key(gw.settings, "unit")
 
 
 def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, object]:
@@ -113,7 +111,7 @@ def test_models_lists_the_manifests(gw: GatewayServer, key: str) -> None:
 
 
 def test_cli_lists_keys_without_secrets_and_revokes(gw: GatewayServer, tmp_path: Path) -> None:
-    created = cli(gw.settings, "keys", "create", "--name", "to-revoke")
+    created = cli(gw.settings, "keys", "create", "--client", "unit", "--name", "to-revoke")
     key = created.stdout.strip()
     assert key.startswith(PREFIX)
     listing = cli(gw.settings, "keys", "list")

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import cli, gateway_settings
+from tests.conftest import gateway_settings, new_key
 from tests.support import GatewayServer, copy_manifests, free_port, running_gateway
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100}
@@ -98,7 +98,7 @@ def stand_in(tmp_path: Path) -> Iterator[tuple[StandInEngine, GatewayServer, str
     engine = StandInEngine()
     models = copy_manifests(tmp_path / "models", {"demo-chat": engine.port})
     with running_gateway(gateway_settings(tmp_path, models)) as gw:
-        key = cli(gw.settings, "keys", "create", "--name", "t").stdout.strip()
+        key = new_key(gw.settings, "t")
         deadline = time.monotonic() + 10
         while httpx.get(gw.url + "/readyz").json()["models"]["demo-chat"] is not True:
             assert time.monotonic() < deadline

@@ -16,8 +16,8 @@ def pool() -> EnginePool:
 def parse(body: object, endpoint: str, pool: EnginePool) -> requests.ParsedRequest:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     payload = requests.decode(raw)
-    route = requests.resolve_model(payload, endpoint, pool)
-    return requests.validate(payload, raw, endpoint, route)
+    route, pinned = requests.resolve_model(payload, endpoint, pool)
+    return requests.validate(payload, raw, endpoint, route, pinned, pinned is not None)
 
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -32,11 +32,30 @@ def test_a_plain_request_is_forwarded_byte_for_byte(pool: EnginePool) -> None:
 
 def test_a_stream_always_asks_the_engine_for_usage(pool: EnginePool) -> None:
     parsed = parse({**CHAT, "stream": True}, "chat", pool)
-    assert orjson.loads(parsed.body)["stream_options"] == {"include_usage": True}
-    assert parsed.client_wants_usage is False
+    # Usage on every event: an abandoned stream is still charged what was generated.
+    assert orjson.loads(parsed.body)["stream_options"] == {"include_usage": True,
+                                                          "continuous_usage_stats": True}
+    assert parsed.client_wants_usage is False and parsed.chunk_usage == "drop"
     parsed = parse({**CHAT, "stream": True, "stream_options": {"include_usage": True}}, "chat",
                    pool)
-    assert parsed.client_wants_usage is True
+    assert parsed.client_wants_usage is True and parsed.chunk_usage == "null"
+    both = {"include_usage": True, "continuous_usage_stats": True}
+    parsed = parse({**CHAT, "stream": True, "stream_options": both}, "chat", pool)
+    assert parsed.chunk_usage == "keep"
+
+
+def test_a_pinned_version_goes_to_its_engine_under_the_alias(pool: EnginePool) -> None:
+    parsed = parse({**CHAT, "model": "demo-chat@v1"}, "chat", pool)
+    assert parsed.engine is not None and parsed.engine.deployment.version.name == "v1"
+    assert orjson.loads(parsed.body)["model"] == "demo-chat"
+
+
+@pytest.mark.parametrize("model", ["demo-chat@v9", "Demo-Chat", " demo-chat", "demo-chat ",
+                                   "demo-chat-v1", "demo-chat@", "@v1", "demo-chat@v1@v1"])
+def test_spelling_variants_and_unknown_versions_are_not_found(pool: EnginePool,
+                                                              model: str) -> None:
+    with pytest.raises(ModelNotFound):
+        parse({**CHAT, "model": model}, "chat", pool)
 
 
 @pytest.mark.parametrize(("body", "param"), [

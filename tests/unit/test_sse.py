@@ -46,12 +46,32 @@ def test_complete_events_are_forwarded_at_once_not_held() -> None:
     assert acct.feed(CHUNKS[1][half:]) == CHUNKS[1]
 
 
-def test_continuous_usage_on_content_chunks_is_kept() -> None:
-    chunk = event({"choices": [{"index": 0, "delta": {"content": "x"}}],
-                   "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
-    acct = StreamAccountant(strip_usage_event=True)
+CONTENT = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "x"}}],
+           "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+
+
+def test_continuous_usage_on_content_chunks_is_kept_when_asked() -> None:
+    chunk = event(CONTENT)
+    acct = StreamAccountant(strip_usage_event=False, chunk_usage="keep")
     assert acct.feed(chunk) == chunk
     assert acct.completion_tokens == 1
+
+
+def test_per_chunk_usage_is_counted_then_removed_when_not_asked() -> None:
+    acct = StreamAccountant(strip_usage_event=True, chunk_usage="drop")
+    out = acct.feed(event(CONTENT) + event({**CONTENT, "usage": {"prompt_tokens": 3,
+                                                                 "completion_tokens": 2}}))
+    events = [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e]
+    assert [("usage" in e, e["choices"][0]["delta"]["content"]) for e in events] == [
+        (False, "x"), (False, "x")]
+    # An abandoned stream is charged what the engine reported so far.
+    assert (acct.prompt_tokens, acct.completion_tokens) == (3, 2)
+
+
+def test_per_chunk_usage_becomes_null_with_include_usage_only() -> None:
+    acct = StreamAccountant(strip_usage_event=False, chunk_usage="null")
+    out = acct.feed(event(CONTENT))
+    assert orjson.loads(out[6:])["usage"] is None
 
 
 def test_garbage_is_relayed_untouched() -> None:

@@ -1,0 +1,241 @@
+"""The admin API (``/admin/v1``): clients, keys, policies, usage, signing keys.
+
+Every route needs a key or token with the ``admin`` scope, which only an operators' client can
+hold (a policy with ``admin`` has no other scope). Keys are shown once, in the response that
+creates them; nothing here ever returns a key digest, a secret or the pepper.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.deps import Admin
+from serving.durations import parse_duration
+from serving.errors import InvalidRequest, NotFound
+from serving.responses import JSONResponse
+from serving.services.auth import KeyService
+from serving.services.budgets import BudgetLedger
+from serving.services.clients import ClientService
+from serving.services.policy import PolicyStore
+from serving.services.tokens import TokenIssuer
+from serving.storage.clients import ClientExists, ClientRecord
+from serving.storage.policies import SCOPES, PolicyError
+from serving.storage.times import day_key, month_key
+
+router = APIRouter(prefix="/admin/v1")
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewClient(_Body):
+    name: str = Field(min_length=1, max_length=63)
+    policy: str = Field(min_length=1, max_length=64)
+    description: str = Field("", max_length=500)
+
+
+class ClientChange(_Body):
+    policy: str | None = Field(None, min_length=1, max_length=64)
+    description: str | None = Field(None, max_length=500)
+    disabled: bool | None = None
+
+
+class NewKey(_Body):
+    client: str = Field(min_length=1, max_length=63)
+    scopes: list[Literal["chat", "completions", "embeddings", "models", "admin"]] | None = None
+    expires_in: str | None = Field(None, description="e.g. 90d")
+    name: str = Field("", max_length=200)
+    kind: Literal["api", "secret"] = "api"
+
+
+class Rotation(_Body):
+    grace: str | None = Field("24h", description="How long the old key stays valid; null: "
+                              "until revoked")
+    expires_in: str | None = None
+
+
+def _duration(value: str | None, param: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.now(UTC) + parse_duration(value)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=param) from None
+
+
+def _client_json(c: ClientRecord) -> dict[str, object]:
+    return {"name": c.id, "policy": c.policy, "description": c.description,
+            "created_at": c.created_at.isoformat(),
+            "disabled_at": c.disabled_at.isoformat() if c.disabled_at else None}
+
+
+def _services(request: Request) -> tuple[ClientService, KeyService, PolicyStore]:
+    s = request.app.state
+    return s.clients, s.keys, s.policies
+
+
+@router.get("/clients")
+async def list_clients(request: Request, _: Admin) -> JSONResponse:
+    clients, _k, _p = _services(request)
+    return JSONResponse({"data": [_client_json(c) for c in await clients.all()]})
+
+
+@router.post("/clients", status_code=201)
+async def create_client(request: Request, body: NewClient, _: Admin) -> JSONResponse:
+    clients, _k, _p = _services(request)
+    try:
+        created = await clients.create(body.name, body.policy, body.description)
+    except ClientExists as exc:
+        raise InvalidRequest(str(exc), param="name", code="client_exists") from None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="policy" if "policy" in str(exc) else "name") \
+            from None
+    return JSONResponse(_client_json(created), status_code=201)
+
+
+async def _client(request: Request, name: str) -> ClientRecord:
+    clients, _k, _p = _services(request)
+    found = await clients.get(name)
+    if found is None:
+        raise NotFound(f"No client named '{name[:64]}'.", code="client_not_found")
+    return found
+
+
+@router.get("/clients/{name}")
+async def show_client(request: Request, name: str, _: Admin) -> JSONResponse:
+    client = await _client(request, name)
+    _c, keys, policies = _services(request)
+    ledger: BudgetLedger = request.app.state.ledger
+    now = datetime.now(UTC)
+    periods = {"day": day_key(now), "month": month_key(now)}
+    counters = await ledger.repo.counters(client.id, list(periods.values()))
+    policy = policies.get(client.policy)
+    limits = {"day": policy.budgets.tokens_per_day if policy else None,
+              "month": policy.budgets.tokens_per_month if policy else None}
+    budgets = {kind: {"period": period, "limit": limits[kind],
+                      "used": counters[period].used if period in counters else 0,
+                      "reserved": counters[period].reserved if period in counters else 0}
+               for kind, period in periods.items()}
+    return JSONResponse({**_client_json(client), "policy_in_force": policy is not None,
+                         "budgets": budgets,
+                         "keys": [k.public() for k in await keys.all(client.id)]})
+
+
+@router.patch("/clients/{name}")
+async def change_client(request: Request, name: str, body: ClientChange,
+                        _: Admin) -> JSONResponse:
+    await _client(request, name)
+    clients, _k, _p = _services(request)
+    try:
+        updated = await clients.update(name, policy=body.policy, description=body.description,
+                                       disabled=body.disabled)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="policy") from None
+    assert updated is not None
+    return JSONResponse(_client_json(updated))
+
+
+@router.get("/keys")
+async def list_keys(request: Request, _: Admin,
+                    client: str | None = Query(None, max_length=63)) -> JSONResponse:
+    _c, keys, _p = _services(request)
+    return JSONResponse({"data": [k.public() for k in await keys.all(client)]})
+
+
+@router.post("/keys", status_code=201)
+async def create_key(request: Request, body: NewKey, _: Admin) -> JSONResponse:
+    client = await _client(request, body.client)
+    _c, keys, policies = _services(request)
+    policy = policies.get(client.policy)
+    if policy is None:
+        raise InvalidRequest(f"The client's policy '{client.policy}' is not defined.",
+                             param="client")
+    scopes = frozenset(body.scopes) if body.scopes is not None else frozenset(policy.scopes)
+    beyond = scopes - frozenset(policy.scopes)
+    if beyond or not scopes:
+        raise InvalidRequest(f"Scopes beyond the client's policy: {' '.join(sorted(beyond))}."
+                             if beyond else "A key needs at least one scope.", param="scopes")
+    issued = await keys.issue(client.id, scopes, name=body.name, kind=body.kind,
+                              expires_at=_duration(body.expires_in, "expires_in"))
+    return JSONResponse({**issued.record.public(), "key": issued.key}, status_code=201,
+                        headers={"Cache-Control": "no-store"})
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(request: Request, key_id: str, _: Admin) -> JSONResponse:
+    _c, keys, _p = _services(request)
+    record = await keys.get(key_id)
+    if record is None:
+        raise NotFound(f"No key with id '{key_id[:32]}'.", code="key_not_found")
+    revoked = await keys.revoke(record.id)
+    current = await keys.get(record.id)
+    assert current is not None
+    return JSONResponse({**current.public(), "revoked_now": bool(revoked)})
+
+
+@router.post("/keys/{key_id}/rotate", status_code=201)
+async def rotate_key(request: Request, key_id: str, body: Rotation, _: Admin) -> JSONResponse:
+    _c, keys, _p = _services(request)
+    grace = None
+    if body.grace is not None:
+        try:
+            grace = parse_duration(body.grace)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="grace") from None
+    try:
+        issued, old = await keys.rotate(key_id, grace, _duration(body.expires_in, "expires_in"))
+    except LookupError:
+        raise NotFound(f"No active key with id '{key_id[:32]}'.", code="key_not_found") from None
+    current_old = await keys.get(old.id)
+    assert current_old is not None
+    return JSONResponse({**issued.record.public(), "key": issued.key,
+                         "previous": current_old.public()}, status_code=201,
+                        headers={"Cache-Control": "no-store"})
+
+
+@router.get("/policies")
+async def show_policies(request: Request, _: Admin) -> JSONResponse:
+    policies: PolicyStore = request.app.state.policies
+    return JSONResponse({"version": policies.version, "file": str(policies.path),
+                         "last_error": policies.last_error, "scopes": list(SCOPES),
+                         "policies": {n: p.model_dump(mode="json")
+                                      for n, p in policies.current.policies.items()}})
+
+
+@router.post("/policies/reload")
+async def reload_policies(request: Request, _: Admin) -> JSONResponse:
+    policies: PolicyStore = request.app.state.policies
+    try:
+        policies.reload()
+    except PolicyError as exc:
+        raise InvalidRequest(f"Policy file refused, version {policies.version} stays in force: "
+                             f"{exc}", code="invalid_policy_file") from None
+    return JSONResponse({"version": policies.version,
+                         "policies": sorted(policies.current.policies)})
+
+
+@router.get("/usage")
+async def usage(request: Request, _: Admin,
+                client: str | None = Query(None, max_length=63),
+                since: str | None = Query(None, alias="from"),
+                until: str | None = Query(None, alias="to")) -> JSONResponse:
+    for param, value in (("from", since), ("to", until)):
+        if value is not None and not _DAY.match(value):
+            raise InvalidRequest(f"'{param}' must be a day, YYYY-MM-DD.", param=param)
+    ledger: BudgetLedger = request.app.state.ledger
+    return JSONResponse({"data": await ledger.repo.usage(client, since, until)})
+
+
+@router.post("/signing-keys/rotate", status_code=201)
+async def rotate_signing_key(request: Request, _: Admin) -> JSONResponse:
+    issuer: TokenIssuer = request.app.state.token_issuer
+    kid = await issuer.rotate()
+    return JSONResponse({"kid": kid, "published": [k["kid"] for k in issuer.jwks()["keys"]]},
+                        status_code=201)

@@ -1,0 +1,204 @@
+"""What a client may do, checked before anything reaches an engine: its policy, scopes, model
+allowlist and caps, then its rate limits, concurrent slots and token budget. ``finish`` gives
+back what ``admit`` took, once the response has ended however it ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from serving.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    RateLimited,
+    StoreUnavailable,
+)
+from serving.metrics import GatewayMetrics
+from serving.services import budgets
+from serving.services.auth import Principal
+from serving.services.budgets import BudgetLedger, LedgerUnavailable, Reservation
+from serving.services.context import RequestContext
+from serving.services.engines import ModelRoute
+from serving.services.policy import PolicyStore
+from serving.services.ratelimits import RateLimiter
+from serving.storage.policies import Policy
+
+log = logging.getLogger("enclave.admission")
+_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+          "embeddings": "/v1/embeddings", "models": "/v1/models"}
+
+
+@dataclass(slots=True)
+class Admission:
+    client_id: str
+    policy: Policy
+    model: str
+    lease_id: str | None = None
+    reservation: Reservation | None = None
+    prompt_estimate: int = 0
+
+
+class Gatekeeper:
+    def __init__(self, policies: PolicyStore, limiter: RateLimiter, ledger: BudgetLedger,
+                 metrics: GatewayMetrics) -> None:
+        self.policies = policies
+        self.limiter = limiter
+        self.ledger = ledger
+        self.metrics = metrics
+
+    def _reject(self, client_id: str, reason: str) -> None:
+        self.metrics.rejections.labels(client_id, reason).inc()
+
+    def authorize(self, principal: Principal, scope: str) -> Policy:
+        """The caller's policy, if it grants ``scope`` to this key or token."""
+        client_id = principal.client_id or ""
+        policy = self.policies.get(principal.policy) if principal.policy else None
+        if policy is None or not client_id:
+            self._reject(client_id or "none", "no_policy")
+            raise PermissionDenied("This key's client has no policy in force.")
+        if scope not in principal.scopes or scope not in policy.scopes:
+            self._reject(client_id, "scope")
+            raise PermissionDenied(
+                f"This key is not allowed to call {_PATHS.get(scope, scope)} "
+                f"(it lacks the '{scope}' scope).")
+        return policy
+
+    def check_model(self, principal: Principal, policy: Policy, route: ModelRoute,
+                    asked: str) -> None:
+        if not policy.allows_model(route.name):
+            self._reject(principal.client_id or "none", "model")
+            # The same answer as for a model that does not exist: no enumeration.
+            raise ModelNotFound(f"The model '{asked[:100]}' does not exist or you do not have "
+                                "access to it.", param="model")
+
+    def apply_caps(self, policy: Policy, payload: dict[str, Any], endpoint: str,
+                   route: ModelRoute, body_len: int) -> tuple[bool, int]:
+        """Enforce the policy's caps; fill in ``max_tokens`` from the cap when the request gives
+        none. Returns (payload changed, tokens to reserve)."""
+        caps = policy.caps
+        changed = False
+        n = payload.get("n", 1)
+        if n is None:
+            n = 1
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InvalidRequest("'n' must be a positive integer.", param="n")
+        if n > caps.n:
+            raise InvalidRequest(f"'n' is {n}; this client may ask for at most {caps.n}.",
+                                 param="n", code="n_exceeded")
+        if endpoint == "chat" and caps.messages is not None:
+            count = len(payload.get("messages") or ())
+            if count > caps.messages:
+                raise InvalidRequest(f"{count} messages; this client may send at most "
+                                     f"{caps.messages}.", param="messages",
+                                     code="too_many_messages")
+        prompt_estimate = min(body_len, route.max_model_len)
+        if endpoint == "embeddings":
+            return changed, prompt_estimate
+        param = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+        asked = payload.get(param)
+        if asked is None and caps.max_tokens is not None:
+            # The engine clamps max_tokens to the context left after the prompt.
+            asked = payload["max_tokens"] = min(caps.max_tokens, route.max_model_len)
+            changed = True
+        elif caps.max_tokens is not None and isinstance(asked, int) and asked > caps.max_tokens:
+            raise InvalidRequest(f"'{param}' is {asked}; this client may ask for at most "
+                                 f"{caps.max_tokens}.", param=param, code="max_tokens_exceeded")
+        completion = asked if isinstance(asked, int) else route.max_model_len
+        completion = min(completion, route.max_model_len)
+        return changed, min(prompt_estimate + n * completion, n * route.max_model_len)
+
+    async def admit(self, principal: Principal, policy: Policy, model: str, tokens: int,
+                    prompt_estimate: int) -> Admission:
+        client_id = principal.client_id or ""
+        limits = policy.limits
+        denied = await self.limiter.admit(client_id, limits)
+        if denied is not None:
+            self._reject(client_id, f"rate_{denied.what}")
+            raise RateLimited(f"Rate limit reached for this client ({_describe(denied.what)}). "
+                              f"Retry after {denied.retry_after_s} s.", denied.retry_after_s)
+        admission = Admission(client_id, policy, model, prompt_estimate=prompt_estimate)
+        if limits.concurrent is not None:
+            lease = secrets.token_hex(8)
+            if not await self.limiter.acquire(client_id, limits.concurrent, lease):
+                self._reject(client_id, "concurrency")
+                raise RateLimited(f"This client already has {limits.concurrent} requests in "
+                                  "flight, its limit. Retry when one ends.", 1)
+            admission.lease_id = lease
+        if policy.budgets.any:
+            try:
+                admission.reservation = await self.ledger.reserve(client_id, policy.budgets,
+                                                                  tokens)
+            except budgets.QuotaExceeded as exc:
+                await self._release(admission)
+                self._reject(client_id, f"budget_{exc.period}")
+                raise QuotaExceeded(
+                    f"This client's token budget for the {exc.period} is spent (this request "
+                    f"could use up to {tokens} tokens).", exc.retry_after_s) from None
+            except LedgerUnavailable:
+                await self._release(admission)
+                raise StoreUnavailable(
+                    "The budget ledger cannot be written; retry shortly.") from None
+            except BaseException:
+                await self._release(admission)
+                raise
+        return admission
+
+    async def _release(self, admission: Admission) -> None:
+        if admission.lease_id is not None:
+            lease, admission.lease_id = admission.lease_id, None
+            await self.limiter.release(admission.client_id, admission.policy.limits.concurrent,
+                                       lease)
+
+    @staticmethod
+    def charge(admission: Admission, ctx: RequestContext) -> tuple[int, int, int]:
+        """(prompt tokens, completion tokens, tokens charged to the budget) for a request that
+        has ended, however it ended."""
+        reservation = admission.reservation
+        if ctx.upstream_status == 200 and ctx.prompt_tokens is not None:
+            prompt, completion = ctx.prompt_tokens, ctx.completion_tokens or 0
+            return prompt, completion, prompt + completion  # the engine's own count
+        if ctx.upstream_status == 200 or (ctx.forwarding and ctx.client_disconnected
+                                          and ctx.upstream_status is None):
+            # The engine took the request and the count is missing: the client left first.
+            if ctx.stream:
+                return 0, 0, admission.prompt_estimate  # nothing was generated yet
+            # A non-streamed request: the engine may finish it anyway; charge what was held.
+            return 0, 0, reservation.tokens if reservation is not None else 0
+        return 0, 0, 0  # refused or failed before the engine did any work
+
+    async def finish(self, admission: Admission, ctx: RequestContext) -> None:
+        """Settle the reservation with the real usage and give back the concurrent slot."""
+        prompt, completion, charge = self.charge(admission, ctx)
+        reservation = admission.reservation
+        if reservation is not None and charge > reservation.tokens:
+            log.warning("usage above the reservation", extra={
+                "client": admission.client_id, "reserved": reservation.tokens, "used": charge})
+        worked = ctx.upstream_status is not None or charge > 0
+        try:
+            if worked or reservation is not None:
+                self.ledger.settle(reservation, admission.client_id,
+                                   admission.model if worked else "", prompt, completion, charge)
+        finally:
+            await self._release(admission)
+        if charge:
+            self.metrics.client_tokens.labels(admission.client_id, admission.model).inc(charge)
+        if charge and admission.policy.limits.tokens_per_minute is not None:
+            await self.limiter.charge_tokens(admission.client_id, admission.policy.limits, charge)
+
+    async def admit_listing(self, principal: Principal, policy: Policy) -> None:
+        """``/v1/models``: counts against requests per minute only."""
+        denied = await self.limiter.admit(principal.client_id or "", policy.limits.model_copy(
+            update={"tokens_per_minute": None}))
+        if denied is not None:
+            self._reject(principal.client_id or "", f"rate_{denied.what}")
+            raise RateLimited(f"Rate limit reached for this client ({_describe(denied.what)}). "
+                              f"Retry after {denied.retry_after_s} s.", denied.retry_after_s)
+
+
+def _describe(what: str) -> str:
+    return {"requests": "requests per minute", "tokens": "tokens per minute"}.get(what, what)
