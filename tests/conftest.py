@@ -19,7 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from serving.settings import Settings
-from tests.support import REPO, TEST_PEPPER, GatewayServer, copy_manifests, free_port
+from tests.servers import PostgresServer, RedisServer
+from tests.support import (
+    REPO,
+    TEST_PEPPER,
+    GatewayServer,
+    copy_manifests,
+    free_port,
+    write_policies,
+)
 
 ENGINE_START_TIMEOUT_S = 900
 
@@ -117,7 +125,8 @@ def gateway_settings(root: Path, models_dir: Path, **overrides: object) -> Setti
     values: dict[str, object] = {
         "data_dir": root, "models_dir": models_dir, "port": free_port(),
         "pepper": SecretStr(TEST_PEPPER), "engine_health_interval_s": 0.5,
-        "key_cache_ttl_s": 0.5,
+        "key_cache_ttl_s": 0.5, "policy_reload_interval_s": 0.5,
+        "policies_file": write_policies(root),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -135,10 +144,24 @@ def gateway(engines: Engines, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the real `enclave` CLI against a gateway's state."""
+    return subprocess.run([sys.executable, "-m", "serving.cli.main", *args],
+                          env=settings_env(settings), capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives the CLI or a gateway process these settings' state."""
     env = {**os.environ, "ENCLAVE_DATA_DIR": str(settings.data_dir),
-           "ENCLAVE_MODELS_DIR": str(settings.models_dir), "ENCLAVE_PEPPER": TEST_PEPPER}
-    return subprocess.run([sys.executable, "-m", "serving.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+           "ENCLAVE_MODELS_DIR": str(settings.models_dir), "ENCLAVE_PEPPER": TEST_PEPPER,
+           "ENCLAVE_POLICIES_FILE": str(settings.policies_file)}
+    for name in ("database_url", "redis_url"):
+        value = getattr(settings, name)
+        if value:
+            env[f"ENCLAVE_{name.upper()}"] = str(value)
+    for name in ("key_cache_ttl_s", "reservation_ttl_s", "ledger_sweep_interval_s",
+                 "engine_health_interval_s", "policy_reload_interval_s"):
+        env[f"ENCLAVE_{name.upper()}"] = str(getattr(settings, name))
+    return env
 
 
 def new_key(settings: Settings, client: str, policy: str = "default", *args: str) -> str:
@@ -153,3 +176,21 @@ def new_key(settings: Settings, client: str, policy: str = "default", *args: str
 @pytest.fixture(scope="session")
 def api_key(gateway: GatewayServer) -> str:
     return new_key(gateway.settings, "tests")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

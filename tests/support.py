@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import uvicorn
 import yaml
 
@@ -105,3 +109,84 @@ def running_gateway(settings: Settings) -> Iterator[GatewayServer]:
         yield gw
     finally:
         gw.stop()
+
+
+TEST_POLICIES = """
+version: 1
+policies:
+  default:
+    models: [demo-chat, minilm-embed]
+    scopes: [chat, completions, embeddings, models]
+    caps: {max_tokens: 1024, n: 4, messages: 64}
+  admin:
+    scopes: [admin]
+  embed-only:
+    models: [minilm-embed]
+    scopes: [embeddings, models]
+  chat-only:
+    models: [demo-chat]
+    scopes: [chat, models]
+  limited:
+    models: ["*"]
+    scopes: [chat, completions, models]
+    limits: {requests_per_minute: 60, concurrent: 2}
+  budgeted:
+    models: [demo-chat]
+    scopes: [chat, models]
+    caps: {max_tokens: 64}
+    limits: {concurrent: 100}
+    budgets: {tokens_per_day: 4000}
+"""
+
+
+def write_policies(root: Path, text: str = TEST_POLICIES) -> Path:
+    path = root / "policies.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+class GatewayProcess:
+    """`enclave gateway` as its own process (what an operator runs), for tests that need
+    several gateways or a kill -9."""
+
+    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.env = {**env, "ENCLAVE_PORT": str(self.port)}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GatewayProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "serving.cli.main", "gateway"], env=self.env,
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the gateway did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()

@@ -93,6 +93,8 @@ def parse_policies(text: str, source: str, known_models: set[str] | None) -> Pol
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            + (f" (got {err['input']!r})" if isinstance(err.get("input"), str | int | float)
+               else "")
             for err in exc.errors())
         raise PolicyError(f"{source}: {problems}") from None
     for name, policy in parsed.policies.items():
