@@ -57,7 +57,7 @@ async def _forward(request: Request, endpoint: str) -> RelayResponse:
         limit = min(limit, policy.caps.body_bytes)
     raw = await read_body(request, limit)
     payload = requests.decode(raw)
-    route, pinned = requests.resolve_model(payload, endpoint, pool)
+    route, pinned = requests.resolve_model(payload, pool)
     gate.check_model(principal, policy, route, payload["model"] if pinned is None else
                      f"{route.name}@{pinned.deployment.version.name}")
     ctx.model = route.name

@@ -16,7 +16,7 @@ def pool() -> EnginePool:
 def parse(body: object, endpoint: str, pool: EnginePool) -> requests.ParsedRequest:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     payload = requests.decode(raw)
-    route, pinned = requests.resolve_model(payload, endpoint, pool)
+    route, pinned = requests.resolve_model(payload, pool)
     return requests.validate(payload, raw, endpoint, route, pinned, pinned is not None)
 
 
