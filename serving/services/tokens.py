@@ -229,7 +229,7 @@ class _RemoteKeySet:
                 continue  # symmetric keys have no place in a public key set
             try:
                 keys[str(entry["kid"])] = jwt.PyJWK(entry)
-            except jwt.PyJWKError:
+            except jwt.PyJWTError:  # PyJWKError, and InvalidKeyError (e.g. an X25519 key)
                 continue
         self._keys = keys
 
