@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
+from serving.bench.servers import PostgresServer, RedisServer
 from serving.settings import Settings
-from tests.servers import PostgresServer, RedisServer
 from tests.support import (
     REPO,
     TEST_PEPPER,

@@ -1,12 +1,15 @@
 """One benchmark run: every target measured in the same run, rounds interleaved, medians kept.
 
 Proxy overhead: nginx answers a canned chat completion; we load (a) nginx directly, (b) the
-bare FastAPI proxy, (c) the gateway with auth, metrics and JSON logging, at concurrency 1, 16
-and 64. End to end: the real vLLM engine directly and through the gateway.
+bare FastAPI proxy, (c) the gateway with every guard on (auth, policy, rate limits, budget
+reservation and settlement in the ledger, metrics, JSON logging) on SQLite, and optionally
+(d) the same on PostgreSQL + Redis, at concurrency 1, 16 and 64. End to end: the real vLLM
+engine directly and through the gateway.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -14,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serving.bench import targets, wrk
+from serving.bench import servers, targets, wrk
 
 CHAT_BODY = json.dumps({"model": "demo-chat", "max_tokens": 16,
                         "messages": [{"role": "user", "content": "Say hello."}]})
@@ -54,18 +57,29 @@ def _measure(plan: dict[str, tuple[str, str | None]], body: str, concurrencies: 
 
 
 def proxy_overhead(seconds: float, rounds: int, concurrencies: list[int], models_dir: Path,
-                   say: Callable[[str], None]) -> list[Cell]:
-    with tempfile.TemporaryDirectory(prefix="enclave-bench-") as tmp:
+                   say: Callable[[str], None], shared_state: bool = False) -> list[Cell]:
+    """``shared_state``: also measure a gateway on PostgreSQL + Redis (started here)."""
+    with tempfile.TemporaryDirectory(prefix="enclave-bench-") as tmp, \
+            contextlib.ExitStack() as stack:
         root = Path(tmp)
-        with targets.nginx(root / "nginx") as upstream:
-            port = int(upstream.rsplit(":", 1)[1])
-            models = targets.bench_models(root, {"demo-chat": port}, models_dir)
-            with targets.bare_proxy(root, upstream) as bare, \
-                    targets.gateway(root, models) as (gateway, key):
-                plan = {"upstream": (upstream + "/v1/chat/completions", None),
-                        "bare proxy": (bare + "/v1/chat/completions", None),
-                        "gateway": (gateway + "/v1/chat/completions", key)}
-                return _measure(plan, CHAT_BODY, concurrencies, seconds, rounds, say)
+        upstream = stack.enter_context(targets.nginx(root / "nginx"))
+        port = int(upstream.rsplit(":", 1)[1])
+        models = targets.bench_models(root, {"demo-chat": port}, models_dir)
+        bare = stack.enter_context(targets.bare_proxy(root, upstream))
+        gateway, key = stack.enter_context(targets.gateway(root / "gw-sqlite", models))
+        plan = {"upstream": (upstream + "/v1/chat/completions", None),
+                "bare proxy": (bare + "/v1/chat/completions", None),
+                "gateway": (gateway + "/v1/chat/completions", key)}
+        if shared_state:
+            say("starting PostgreSQL and Redis")
+            pg = servers.PostgresServer().start()
+            stack.callback(pg.stop)
+            redis = servers.RedisServer(root / "redis").start()
+            stack.callback(redis.stop)
+            shared, shared_key = stack.enter_context(targets.gateway(
+                root / "gw-shared", models, pg.new_database(), redis.url))
+            plan["gateway pg+redis"] = (shared + "/v1/chat/completions", shared_key)
+        return _measure(plan, CHAT_BODY, concurrencies, seconds, rounds, say)
 
 
 def end_to_end(seconds: float, rounds: int, concurrency: int, models_dir: Path,

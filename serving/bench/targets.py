@@ -120,16 +120,40 @@ def bench_models(root: Path, ports: dict[str, int], models_dir: Path) -> Path:
     return out
 
 
+# Every guard on, with limits far above what a benchmark reaches: each request is checked
+# against them, counted in Redis or memory, and reserved and settled in the ledger.
+BENCH_POLICIES = """
+version: 1
+policies:
+  bench:
+    models: [demo-chat]
+    scopes: [chat, models]
+    caps: {max_tokens: 1024, n: 1, body_bytes: 65536, messages: 64}
+    limits: {requests_per_minute: 100000000, tokens_per_minute: 1000000000, concurrent: 100000}
+    budgets: {tokens_per_day: 1000000000000, tokens_per_month: 1000000000000}
+"""
+
+
 @contextlib.contextmanager
-def gateway(root: Path, models: Path) -> Iterator[tuple[str, str]]:
-    """The real gateway (auth, metrics, JSON access log to a file), and a key for it."""
+def gateway(root: Path, models: Path, database_url: str | None = None,
+            redis_url: str | None = None) -> Iterator[tuple[str, str]]:
+    """The real gateway (auth, policy, rate limits, budget ledger, metrics, JSON access log
+    to a file), and a key for it."""
     port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "policies.yaml").write_text(BENCH_POLICIES)
     env = {**os.environ, "ENCLAVE_DATA_DIR": str(root / "gateway-data"),
            "ENCLAVE_MODELS_DIR": str(models), "ENCLAVE_PEPPER": secrets.token_hex(32),
-           "ENCLAVE_PORT": str(port)}
+           "ENCLAVE_PORT": str(port), "ENCLAVE_POLICIES_FILE": str(root / "policies.yaml")}
+    if database_url:
+        env["ENCLAVE_DATABASE_URL"] = database_url
+    if redis_url:
+        env["ENCLAVE_REDIS_URL"] = redis_url
     enclave = [sys.executable, "-m", "serving.cli.main"]
-    key = subprocess.run([*enclave, "keys", "create", "--name", "bench"], env=env, check=True,
-                         capture_output=True, text=True).stdout.strip()
+    subprocess.run([*enclave, "clients", "create", "bench", "--policy", "bench"], env=env,
+                   check=True, capture_output=True, text=True)
+    key = subprocess.run([*enclave, "keys", "create", "--client", "bench"], env=env,
+                         check=True, capture_output=True, text=True).stdout.strip()
     with process([*enclave, "gateway"], root / "gateway.log", env=env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/readyz", 30, proc)

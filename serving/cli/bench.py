@@ -29,6 +29,11 @@ def _ratios(proxy: list[run.Cell]) -> list[str]:
         lines.append(f"c={conc}: gateway/bare proxy req/s = {gw.rps / bare.rps:.2f}x; "
                      f"gateway p50 adds {gw.p50_ms - up.p50_ms:+.2f} ms over the upstream, "
                      f"bare proxy adds {bare.p50_ms - up.p50_ms:+.2f} ms")
+        shared = by.get(("gateway pg+redis", conc))
+        if shared is not None:
+            lines.append(f"c={conc}: gateway on PostgreSQL+Redis/bare proxy req/s = "
+                         f"{shared.rps / bare.rps:.2f}x; p50 adds "
+                         f"{shared.p50_ms - up.p50_ms:+.2f} ms over the upstream")
     return lines
 
 
@@ -39,10 +44,12 @@ def _ratios(proxy: list[run.Cell]) -> list[str]:
               show_default=True)
 @click.option("--e2e/--no-e2e", default=True, help="Also measure against the real vLLM engine.")
 @click.option("--e2e-concurrency", default=8, show_default=True)
+@click.option("--shared-state/--no-shared-state", default=True,
+              help="Also measure a gateway on PostgreSQL + Redis (Debian packages).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the results as JSON.")
 def bench(seconds: float, rounds: int, concurrencies: tuple[int, ...], e2e: bool,
-          e2e_concurrency: int, json_out: Path | None) -> None:
+          e2e_concurrency: int, shared_state: bool, json_out: Path | None) -> None:
     """Gateway vs bare FastAPI proxy vs upstream, and gateway vs vLLM direct, in one run."""
     if shutil.which("wrk") is None:
         fail("wrk is not installed (Debian: apt-get install wrk nginx-light)")
@@ -51,7 +58,8 @@ def bench(seconds: float, rounds: int, concurrencies: tuple[int, ...], e2e: bool
     def say(msg: str) -> None:
         console.print(f"[dim]{msg}[/]")
 
-    proxy = run.proxy_overhead(seconds, rounds, list(concurrencies), settings.models_dir, say)
+    proxy = run.proxy_overhead(seconds, rounds, list(concurrencies), settings.models_dir, say,
+                               shared_state)
     stdout.print(_table("Proxy overhead (nginx canned answer upstream)", proxy))
     lines = _ratios(proxy)
     e2e_cells: list[run.Cell] = []

@@ -13,12 +13,12 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from serving.bench.servers import PostgresServer
 from serving.settings import Settings
 from serving.storage.db import create_engine
 from serving.storage.ledger import LedgerRepository
 from serving.storage.times import day_key, month_key
 from tests.conftest import Engines, gateway_settings, new_key, settings_env
-from tests.servers import PostgresServer
 from tests.support import GatewayProcess, GatewayServer, running_gateway
 
 pytestmark = pytest.mark.engine

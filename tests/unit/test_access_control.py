@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serving.bench.servers import RedisServer
 from serving.settings import Settings
 from tests.conftest import cli, gateway_settings, new_key, settings_env
-from tests.servers import RedisServer
 from tests.support import (
     TEST_POLICIES,
     GatewayProcess,

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from serving.bench.servers import PostgresServer
 from serving.services.budgets import BudgetLedger, QuotaExceeded
 from serving.storage import migrate
 from serving.storage.db import create_engine, reservations
 from serving.storage.ledger import LedgerRepository
 from serving.storage.policies import Budgets
 from serving.storage.times import day_key, month_key
-from tests.servers import PostgresServer
 
 pytestmark = pytest.mark.anyio
 

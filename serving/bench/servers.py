@@ -1,5 +1,5 @@
-"""Real Redis and PostgreSQL servers for the tests, from the Debian packages, on loopback and
-free ports, in temporary directories; stopped at the end of the session.
+"""Real Redis and PostgreSQL servers for the tests and the benchmark, from the Debian
+packages, on loopback and free ports, in temporary directories; stopped when done.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support import free_port
+from serving.bench.targets import free_port
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
