@@ -89,6 +89,7 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
             asyncio.create_task(pool.watch(client, settings.engine_health_interval_s)),
             asyncio.create_task(policies.watch(settings.policy_reload_interval_s)),
             asyncio.create_task(ledger.keep_swept(settings.ledger_sweep_interval_s)),
+            asyncio.create_task(ledger.keep_leases(settings.reservation_ttl_s)),
             asyncio.create_task(keys.keep_last_used(settings.last_used_flush_s)),
             asyncio.create_task(_refresh_signing_keys(issuer)),
         ]
@@ -105,7 +106,8 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await ledger.stop()  # queued settlements are written before the database closes
+            await ledger.stop()  # leases given back, settlements written, then the database
+            # closes
             await keys.flush_last_used()
             await limiter.close()
             await client.aclose()

@@ -60,8 +60,8 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="redis://host:port/db: rate limits shared by every gateway")
     reservation_ttl_s: float = Field(
-        900.0, ge=10, description="A budget reservation not settled by then (its gateway "
-        "died) is released")
+        60.0, ge=10, description="A gateway's budget lease not renewed for this long (the "
+        "gateway died) is released; live gateways renew theirs every third of it")
     ledger_sweep_interval_s: float = Field(30.0, gt=0)
     last_used_flush_s: float = Field(5.0, gt=0)
 
