@@ -64,7 +64,9 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
                                    follow_redirects=False)
         session = new_session(settings.upstream_connect_timeout_s,
                               settings.upstream_read_timeout_s)
-        limiter = RateLimiter(settings.redis_url, lease_ttl_s=settings.reservation_ttl_s)
+        # A concurrency slot in Redis outlives any request; one left by a dead gateway expires.
+        limiter = RateLimiter(settings.redis_url,
+                              lease_ttl_s=max(600.0, 5 * settings.upstream_read_timeout_s))
         ledger = BudgetLedger(LedgerRepository(db), settings.reservation_ttl_s)
         ledger.start()
         issuer = TokenIssuer(SigningKeyRepository(db), pepper, settings.oauth_issuer,
@@ -90,6 +92,7 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
             asyncio.create_task(policies.watch(settings.policy_reload_interval_s)),
             asyncio.create_task(ledger.keep_swept(settings.ledger_sweep_interval_s)),
             asyncio.create_task(ledger.keep_leases(settings.reservation_ttl_s)),
+            asyncio.create_task(limiter.maintain()),
             asyncio.create_task(keys.keep_last_used(settings.last_used_flush_s)),
             asyncio.create_task(_refresh_signing_keys(issuer)),
         ]
@@ -121,7 +124,8 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
     app.include_router(oauth.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
-    app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log)
+    app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log,
+                       direct=inference.DIRECT)
     return app
 
 

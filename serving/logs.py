@@ -137,12 +137,25 @@ def access(fields: dict[str, Any]) -> None:
     """The per-request line. Once ``configure`` ran and nothing else listens to the access
     logger, the line is built and queued directly: a LogRecord and its handler chain cost a
     quarter of the gateway's throughput (measured). Same JSON as the formatter writes."""
-    if _fast is not None and not _access_logger.handlers and not _access_logger.parent.handlers:  # type: ignore[union-attr]
+    if _fast is not None and _only_fast_listens():
         entry = _entry(_now(), "info", "enclave.access", "request")
         entry.update(fields)
         _fast.append(orjson.dumps(entry, default=str).decode())
     else:
         _access_logger.info("request", extra=fields)
+
+
+def _only_fast_listens() -> bool:
+    """True when the buffered handler is the only one the access line would reach."""
+    logger: logging.Logger | None = _access_logger
+    while logger is not None:
+        for handler in logger.handlers:
+            if handler is not _fast:
+                return False
+        if not logger.propagate:
+            break
+        logger = logger.parent
+    return True
 
 
 def _now() -> str:

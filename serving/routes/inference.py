@@ -7,21 +7,24 @@ Only the JSON body names the model: query parameters and headers are never read 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.deps import Pool, authenticate
-from serving.errors import InvalidRequest, PayloadTooLarge
+from serving.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from serving.responses import JSONResponse
 from serving.routes.middleware import context
-from serving.routes.relay import RelayResponse
+from serving.routes.relay import RelayResponse, send_error
 from serving.services import requests
 from serving.services.admission import Gatekeeper
 from serving.services.engines import EnginePool
 from serving.services.proxy import Upstream
 
 router = APIRouter()
+log = logging.getLogger("enclave.errors")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -69,6 +72,37 @@ async def _forward(request: Request, endpoint: str) -> RelayResponse:
     return RelayResponse(upstream, parsed, ctx, gate, admission)
 
 
+def _direct(endpoint: str) -> ASGIApp:
+    """The endpoint as a bare ASGI app, which the request middleware calls directly for
+    ``POST`` to the inference paths: FastAPI's routing and exception layers cost about a sixth
+    of a proxied request's CPU (measured with py-spy under load). Errors are answered exactly
+    as the FastAPI handlers answer them."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = context(scope)
+        try:
+            response = await _forward(Request(scope, receive), endpoint)
+        except GatewayError as exc:
+            ctx.error_code = exc.log_code
+            await send_error(send, exc)
+            return
+        except Exception as exc:
+            log.error("unhandled error", exc_info=exc)
+            ctx.error_code = "internal_error"
+            await send_error(send, GatewayError("Internal error."))
+            return
+        await response(scope, receive, send)
+
+    return app
+
+
+DIRECT: dict[str, ASGIApp] = {path: _direct(endpoint) for path, endpoint in (
+    ("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
+    ("/v1/embeddings", "embeddings"))}
+
+
+# The same endpoints through FastAPI: reached only without the request middleware (which
+# answers these paths itself); they keep the API's shape in one place.
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request) -> Any:
     return await _forward(request, "chat")

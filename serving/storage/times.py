@@ -19,8 +19,8 @@ def utc(value: datetime | None) -> datetime | None:
 
 
 def day_key(at: datetime) -> str:
-    return at.strftime("%Y-%m-%d")
+    return f"{at.year:04d}-{at.month:02d}-{at.day:02d}"
 
 
 def month_key(at: datetime) -> str:
-    return at.strftime("%Y-%m")
+    return f"{at.year:04d}-{at.month:02d}"

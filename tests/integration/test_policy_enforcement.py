@@ -129,29 +129,36 @@ async def _streams(url: str, key: str, n: int) -> tuple[int, int, int]:
     return results["done"], results["left"], results["quota"]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_budget_holds_under_concurrent_streams_and_matches_the_engine(
-        gateway: GatewayServer, engines: Engines) -> None:
-    key = new_key(gateway.settings, "budget-client", "budgeted")
+        tmp_path: Path, engines: Engines, request: pytest.FixtureRequest, backend: str) -> None:
+    overrides: dict[str, object] = {}
+    if backend == "postgresql":
+        pg: PostgresServer = request.getfixturevalue("postgres")
+        overrides["database_url"] = pg.new_database()
+    settings = gateway_settings(tmp_path, engines.models_dir, **overrides)
+    key = new_key(settings, "budget-client", "budgeted")
     wait_engine_idle(engines)
     before = engine_tokens(engines)
-    done, left, quota = asyncio.run(_streams(gateway.url, key, 50))
-    assert done + left + quota == 50 and done > 0 and left > 0
-    used, _, _, usage_total = wait_settled(gateway.settings, "budget-client")
-    wait_engine_idle(engines)
-    engine_used = engine_tokens(engines) - before
-    assert used <= 4000  # the budget (policy "budgeted": 4000 tokens a day)
-    assert quota > 0  # the budget was reached: the others were refused, not served
-    assert used == usage_total
-    # The engine's own counters: every token it processed for these requests is charged; an
-    # abandoned stream may run a step or two past the last event the gateway saw.
-    assert used <= engine_used <= used + 4 * left, (used, engine_used, left)
-    # A further request is refused while the budget is spent.
-    resp = httpx.post(gateway.url + "/v1/chat/completions", timeout=30,
-                      headers={"Authorization": f"Bearer {key}"},
-                      json={"model": "demo-chat", "max_tokens": 64,
-                            "messages": [{"role": "user", "content": "more"}]})
-    if used + 150 > 4000:
-        assert resp.status_code == 429 and "retry-after" in resp.headers
+    with running_gateway(settings) as gateway:
+        done, left, quota = asyncio.run(_streams(gateway.url, key, 50))
+        assert done + left + quota == 50 and done > 0 and left > 0
+        used, _, _, usage_total = wait_settled(settings, "budget-client")
+        wait_engine_idle(engines)
+        engine_used = engine_tokens(engines) - before
+        assert used <= 4000  # the budget (policy "budgeted": 4000 tokens a day)
+        assert quota > 0  # the budget was reached: the others were refused, not served
+        assert used == usage_total
+        # The engine's own counters: every token it processed for these requests is charged;
+        # an abandoned stream may run a step or two past the last event the gateway saw.
+        assert used <= engine_used <= used + 4 * left, (used, engine_used, left)
+        # A further request is refused while the budget is spent.
+        resp = httpx.post(gateway.url + "/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"},
+                          json={"model": "demo-chat", "max_tokens": 64,
+                                "messages": [{"role": "user", "content": "more"}]})
+        if used + 150 > 4000:
+            assert resp.status_code == 429 and "retry-after" in resp.headers
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

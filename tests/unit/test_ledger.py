@@ -57,7 +57,7 @@ def periods() -> tuple[str, str]:
 
 
 async def leased(repo: LedgerRepository) -> int:
-    async with repo._engine.connect() as conn:  # noqa: SLF001 - a test reads the rows
+    async with repo._engine.connect() as conn:  # a test reads the rows
         return int((await conn.execute(
             select(func.coalesce(func.sum(reservations.c.tokens), 0)))).scalar() or 0)
 
@@ -142,8 +142,8 @@ async def test_the_leases_of_a_dead_gateway_expire_and_are_released(db_url: str)
     dead = BudgetLedger(LedgerRepository(engine), reservation_ttl_s=0.5)
     dead.start()
     await dead.reserve("acme", Budgets(tokens_per_day=100), 100)
-    assert dead._writer is not None  # noqa: SLF001
-    dead._writer.cancel()  # noqa: SLF001 - the gateway dies holding its lease
+    assert dead._writer is not None
+    dead._writer.cancel()  # the gateway dies holding its lease
     live = BudgetLedger(LedgerRepository(engine), reservation_ttl_s=900)
     live.start()
     with pytest.raises(QuotaExceeded):
