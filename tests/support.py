@@ -117,7 +117,7 @@ policies:
   default:
     models: [demo-chat, minilm-embed]
     scopes: [chat, completions, embeddings, models]
-    caps: {max_tokens: 1024, n: 4, messages: 64}
+    caps: {max_tokens: 2048, n: 4, messages: 64}
   admin:
     scopes: [admin]
   embed-only:

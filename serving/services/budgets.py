@@ -239,13 +239,16 @@ class BudgetLedger:
             while True:
                 reserves = self._grants[:_MAX_BATCH]
                 del self._grants[:len(reserves)]
+                wait = self._delay - (time.monotonic() - self._settles_since)
                 due = bool(self._settles) and (
-                    self._flushing or len(self._settles) >= _MAX_BATCH
-                    or time.monotonic() - self._settles_since >= self._delay)
+                    self._flushing or len(self._settles) >= _MAX_BATCH or wait <= 0)
                 settles: list[Op] = []
                 if due:
                     settles, self._settles = self._settles, []
                 if not reserves and not settles:
+                    if self._settles:
+                        # Woken early (a timer may fire a little before its time): come back.
+                        asyncio.get_running_loop().call_later(wait, self._wake.set)
                     break
                 self._busy = True
                 try:

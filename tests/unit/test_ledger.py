@@ -177,3 +177,21 @@ async def test_a_caller_that_leaves_while_waiting_does_not_leak_its_hold(
     counters = await ledger.repo.counters("acme", [day])
     assert counters[day].reserved == 0
     assert await ledger.repo.open_reservations("acme") == 0
+
+
+async def test_every_settlement_is_written_within_moments_even_alone(
+        ledgers: list[BudgetLedger]) -> None:
+    """A lone settlement must not wait for the next request to be written (a timer that fires
+    a little early once left it queued until shutdown)."""
+    ledger = ledgers[0]
+    day, _ = periods()
+    for i in range(1, 16):
+        held = await ledger.reserve("acme", Budgets(tokens_per_day=10**9), 10)
+        ledger.settle(held, "acme", "demo-chat", 1, 0, 1)
+        for _ in range(50):
+            counters = await ledger.repo.counters("acme", [day])
+            if counters[day].used == i:
+                break
+            await asyncio.sleep(0.01)
+        assert counters[day].used == i, f"settlement {i} still queued after 0.5 s"
+        await asyncio.sleep(0.03 * (i % 3))
