@@ -5,6 +5,7 @@ back what ``admit`` took, once the response has ended however it ended.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from serving.services.ratelimits import RateLimiter
 from serving.storage.policies import Policy
 
 log = logging.getLogger("enclave.admission")
+_PROCESS = secrets.token_hex(6)
+_LEASES = itertools.count()
 _PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
           "embeddings": "/v1/embeddings", "models": "/v1/models"}
 
@@ -123,7 +126,7 @@ class Gatekeeper:
                               f"Retry after {denied.retry_after_s} s.", denied.retry_after_s)
         admission = Admission(client_id, policy, model, prompt_estimate=prompt_estimate)
         if limits.concurrent is not None:
-            lease = secrets.token_hex(8)
+            lease = f"{_PROCESS}.{next(_LEASES)}"  # unique without a syscall per request
             if not await self.limiter.acquire(client_id, limits.concurrent, lease):
                 self._reject(client_id, "concurrency")
                 raise RateLimited(f"This client already has {limits.concurrent} requests in "
