@@ -58,7 +58,10 @@ def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = create_engine(settings.resolved_database_url)
         if settings.auto_migrate:
-            await migrate.upgrade(db)
+            before, now = await migrate.upgrade(db)
+            if before != now:
+                log.info("state database migrated", extra={"from_revision": before,
+                                                           "to_revision": now})
         # Health checks and JWKS fetches go through httpx; proxied requests through aiohttp.
         client = httpx.AsyncClient(timeout=5.0, transport=transport, trust_env=False,
                                    follow_redirects=False)
