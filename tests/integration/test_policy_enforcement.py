@@ -149,9 +149,10 @@ def test_a_budget_holds_under_concurrent_streams_and_matches_the_engine(
         assert used <= 4000  # the budget (policy "budgeted": 4000 tokens a day)
         assert quota > 0  # the budget was reached: the others were refused, not served
         assert used == usage_total
-        # The engine's own counters: every token it processed for these requests is charged;
-        # an abandoned stream may run a step or two past the last event the gateway saw.
-        assert used <= engine_used <= used + 4 * left, (used, engine_used, left)
+        # The engine's own counters: every token it reported for these requests is charged.
+        # An abandoned stream runs on until vLLM sees the closed connection: a few steps on a
+        # busy CPU engine (seen: up to 10 tokens a stream with 50 streams), not charged.
+        assert used <= engine_used <= used + 16 * left, (used, engine_used, left)
         # A further request is refused while the budget is spent.
         resp = httpx.post(gateway.url + "/v1/chat/completions", timeout=30,
                           headers={"Authorization": f"Bearer {key}"},
