@@ -68,7 +68,7 @@ signing_keys = Table(
 )
 
 # The budget ledger. One row per client and period ("day" 2026-11-23, "month" 2026-11): tokens
-# settled (used) and tokens held by requests in flight (reserved).
+# settled (used) and tokens held in gateways' leases (reserved).
 budget_counters = Table(
     "budget_counters",
     metadata,
@@ -78,7 +78,9 @@ budget_counters = Table(
     Column("reserved", BigInteger, nullable=False, server_default="0"),
 )
 
-# Reservations of requests in flight. Settling deletes the row; a row whose gateway died expires.
+# Budget leases: tokens a gateway holds for one client and period (its requests reserve from
+# them in memory). The live gateway renews its rows; a row whose gateway died expires and is
+# released by a sweeper.
 reservations = Table(
     "reservations",
     metadata,
