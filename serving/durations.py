@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RE = re.compile(r"^\s*(\d{1,6})\s*([smhdw])\s*$")
@@ -18,3 +18,8 @@ def parse_duration(text: str) -> timedelta:
     if seconds <= 0:
         raise ValueError("a duration must be positive")
     return timedelta(seconds=seconds)
+
+
+def expiry_after(text: str | None) -> datetime | None:
+    """``now + duration``, or None (never) when no duration is given."""
+    return None if text is None else datetime.now(UTC) + parse_duration(text)

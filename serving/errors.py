@@ -5,12 +5,13 @@
     │   └── PayloadTooLarge           (413)
     ├── AuthenticationFailed          (401 invalid_api_key)
     ├── PermissionDenied              (403 permission_denied)
-    ├── RateLimited                   (429 rate_limit_exceeded + Retry-After)
-    │   └── QuotaExceeded             (429 insufficient_quota + Retry-After)
     ├── NotFound                      (404)
     │   └── ModelNotFound             (404 model_not_found)
-    ├── EngineUnavailable             (503 + Retry-After)
-    ├── StoreUnavailable              (503 state_store_unavailable)
+    ├── RetryLater                    (+ Retry-After)
+    │   ├── RateLimited               (429 rate_limit_exceeded)
+    │   │   └── QuotaExceeded         (429 insufficient_quota)
+    │   ├── EngineUnavailable         (503 engine_unavailable)
+    │   └── StoreUnavailable          (503 state_store_unavailable)
     ├── EngineTimeout                 (504)
     └── EngineBadResponse             (502)
 
@@ -68,19 +69,23 @@ class AuthenticationFailed(GatewayError):
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
+class RetryLater(GatewayError):
+    """An error the client should retry after ``retry_after_s`` (sent as ``Retry-After``)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class PermissionDenied(GatewayError):
     status = 403
     type = "permission_error"
     code = "permission_denied"
 
 
-class RateLimited(GatewayError):
+class RateLimited(RetryLater):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class QuotaExceeded(RateLimited):
@@ -98,22 +103,16 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
-class EngineUnavailable(GatewayError):
+class EngineUnavailable(RetryLater):
     status = 503
     type = "service_unavailable"
     code = "engine_unavailable"
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
-
-class StoreUnavailable(GatewayError):
+class StoreUnavailable(RetryLater):
     status = 503
     type = "service_unavailable"
     code = "state_store_unavailable"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "1"})
 
 
 class EngineTimeout(GatewayError):

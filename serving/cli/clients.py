@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 import click
 from rich.table import Table
 
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
 from serving.cli.keys import _expiry, _scopes, issue_key, key_table, show_issued
+from serving.services.budgets import BudgetStatus, budget_status
 from serving.storage.clients import ClientExists, ClientRecord
-from serving.storage.times import day_key, month_key
+from serving.storage.keys import KeyRecord
+from serving.storage.policies import Policy
 
 
 @click.group()
@@ -53,27 +52,24 @@ def list_() -> None:
 def show(name: str) -> None:
     """A client: its policy, budgets used today and this month, and its keys."""
 
-    async def go(store: Store) -> tuple[ClientRecord, Any, Any, Any]:
+    async def go(store: Store) -> tuple[ClientRecord, list[BudgetStatus], list[KeyRecord],
+                                        Policy | None]:
         client = await store.clients.get(name)
         if client is None:
             fail(f"no client named {name!r}")
-        now = datetime.now(UTC)
-        counters = await store.ledger.counters(client.id, [day_key(now), month_key(now)])
-        return client, counters, await store.keys.all(client.id), store.policies.get(
-            client.policy)
+        policy = store.policies.get(client.policy)
+        status = await budget_status(store.ledger, client.id,
+                                     policy.budgets if policy else None)
+        return client, status, await store.keys.all(client.id), policy
 
-    client, counters, keys, policy = with_store(load_settings(), go)
-    now = datetime.now(UTC)
+    client, status, keys, policy = with_store(load_settings(), go)
     stdout.print(f"[bold]{client.id}[/]  policy {client.policy}"
                  f"{'' if policy else ' (NOT DEFINED in the policy file)'}  "
                  f"{'active' if client.active else 'disabled'}")
-    for label, period, limit in (
-            ("today", day_key(now), policy.budgets.tokens_per_day if policy else None),
-            ("this month", month_key(now), policy.budgets.tokens_per_month if policy else None)):
-        c = counters.get(period)
-        used, reserved = (c.used, c.reserved) if c else (0, 0)
-        stdout.print(f"  tokens {label}: {used:,} used, {reserved:,} reserved, limit "
-                     f"{f'{limit:,}' if limit else 'none'}")
+    for b in status:
+        label = "today" if b.kind == "day" else "this month"
+        stdout.print(f"  tokens {label}: {b.used:,} used, {b.reserved:,} reserved, limit "
+                     f"{f'{b.limit:,}' if b.limit else 'none'}")
     stdout.print(key_table(keys))
 
 

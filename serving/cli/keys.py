@@ -8,17 +8,16 @@ import click
 from rich.table import Table
 
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
-from serving.durations import parse_duration
+from serving.durations import expiry_after, parse_duration
 from serving.services.auth import IssuedKey
+from serving.services.policy import key_scopes
 from serving.storage.keys import KeyRecord
 from serving.storage.policies import SCOPES
 
 
 def _expiry(value: str | None) -> datetime | None:
-    if value is None:
-        return None
     try:
-        return datetime.now(UTC) + parse_duration(value)
+        return expiry_after(value)
     except ValueError as exc:
         fail(str(exc))
 
@@ -43,14 +42,9 @@ async def issue_key(store: Store, client_id: str, scopes: frozenset[str] | None,
     policy = store.policies.get(client.policy)
     if policy is None:
         fail(f"the client's policy {client.policy!r} is not in {store.policies.path}")
-    granted = frozenset(policy.scopes)
-    scopes = granted if scopes is None else scopes
-    if not scopes <= granted:
-        fail(f"scope(s) {', '.join(sorted(scopes - granted))} are beyond the policy "
-             f"{client.policy!r} ({', '.join(policy.scopes)})")
     try:
-        return await store.keys.issue(client.id, scopes, name=name, kind=kind,
-                                      expires_at=expires)
+        return await store.keys.issue(client.id, key_scopes(client.policy, policy, scopes),
+                                      name=name, kind=kind, expires_at=expires)
     except ValueError as exc:
         fail(str(exc))
 

@@ -8,24 +8,23 @@ creates them; nothing here ever returns a key digest, a secret or the pepper.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.deps import Admin
-from serving.durations import parse_duration
+from serving.durations import expiry_after, parse_duration
 from serving.errors import InvalidRequest, NotFound
 from serving.responses import JSONResponse
 from serving.services.auth import KeyService
-from serving.services.budgets import BudgetLedger
+from serving.services.budgets import BudgetLedger, budget_status
 from serving.services.clients import ClientService
-from serving.services.policy import PolicyStore
+from serving.services.policy import PolicyStore, key_scopes
 from serving.services.tokens import TokenIssuer
 from serving.storage.clients import ClientExists, ClientRecord
 from serving.storage.policies import SCOPES, PolicyError
-from serving.storage.times import day_key, month_key
 
 router = APIRouter(prefix="/admin/v1")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -62,10 +61,8 @@ class Rotation(_Body):
 
 
 def _duration(value: str | None, param: str) -> datetime | None:
-    if value is None:
-        return None
     try:
-        return datetime.now(UTC) + parse_duration(value)
+        return expiry_after(value)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=param) from None
 
@@ -113,16 +110,11 @@ async def show_client(request: Request, name: str, _: Admin) -> JSONResponse:
     client = await _client(request, name)
     _c, keys, policies = _services(request)
     ledger: BudgetLedger = request.app.state.ledger
-    now = datetime.now(UTC)
-    periods = {"day": day_key(now), "month": month_key(now)}
-    counters = await ledger.repo.counters(client.id, list(periods.values()))
     policy = policies.get(client.policy)
-    limits = {"day": policy.budgets.tokens_per_day if policy else None,
-              "month": policy.budgets.tokens_per_month if policy else None}
-    budgets = {kind: {"period": period, "limit": limits[kind],
-                      "used": counters[period].used if period in counters else 0,
-                      "reserved": counters[period].reserved if period in counters else 0}
-               for kind, period in periods.items()}
+    budgets = {b.kind: {"period": b.period, "limit": b.limit, "used": b.used,
+                        "reserved": b.reserved}
+               for b in await budget_status(ledger.repo, client.id,
+                                            policy.budgets if policy else None)}
     return JSONResponse({**_client_json(client), "policy_in_force": policy is not None,
                          "budgets": budgets,
                          "keys": [k.public() for k in await keys.all(client.id)]})
@@ -157,11 +149,10 @@ async def create_key(request: Request, body: NewKey, _: Admin) -> JSONResponse:
     if policy is None:
         raise InvalidRequest(f"The client's policy '{client.policy}' is not defined.",
                              param="client")
-    scopes = frozenset(body.scopes) if body.scopes is not None else frozenset(policy.scopes)
-    beyond = scopes - frozenset(policy.scopes)
-    if beyond or not scopes:
-        raise InvalidRequest(f"Scopes beyond the client's policy: {' '.join(sorted(beyond))}."
-                             if beyond else "A key needs at least one scope.", param="scopes")
+    try:
+        scopes = key_scopes(client.policy, policy, body.scopes)
+    except ValueError as exc:
+        raise InvalidRequest(f"{str(exc).capitalize()}.", param="scopes") from None
     issued = await keys.issue(client.id, scopes, name=body.name, kind=body.kind,
                               expires_at=_duration(body.expires_in, "expires_in"))
     return JSONResponse({**issued.record.public(), "key": issued.key}, status_code=201,

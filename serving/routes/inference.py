@@ -61,14 +61,12 @@ async def _forward(request: Request, endpoint: str) -> RelayResponse:
     raw = await read_body(request, limit)
     payload = requests.decode(raw)
     route, pinned = requests.resolve_model(payload, pool)
-    gate.check_model(principal, policy, route, payload["model"] if pinned is None else
-                     f"{route.name}@{pinned.deployment.version.name}")
+    gate.check_model(principal, policy, route, payload["model"])
     ctx.model = route.name
-    changed, tokens = gate.apply_caps(policy, payload, endpoint, route, len(raw))
-    parsed = requests.validate(payload, raw, endpoint, route, pinned, changed or pinned is not None)
+    changed, cost = gate.apply_caps(policy, payload, endpoint, route, len(raw))
+    parsed = requests.validate(payload, raw, endpoint, route, pinned, changed)
     ctx.stream = parsed.stream
-    admission = await gate.admit(principal, policy, route.name, tokens,
-                                 min(len(raw), route.max_model_len))
+    admission = await gate.admit(principal, policy, route.name, cost)
     return RelayResponse(upstream, parsed, ctx, gate, admission)
 
 

@@ -26,14 +26,22 @@ from serving.services.budgets import BudgetLedger, LedgerUnavailable, Reservatio
 from serving.services.context import RequestContext
 from serving.services.engines import ModelRoute
 from serving.services.policy import PolicyStore
-from serving.services.ratelimits import RateLimiter
+from serving.services.ratelimits import Denied, RateLimiter
+from serving.services.requests import PATHS
 from serving.storage.policies import Policy
 
 log = logging.getLogger("enclave.admission")
 _PROCESS = secrets.token_hex(6)
 _LEASES = itertools.count()
-_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
-          "embeddings": "/v1/embeddings", "models": "/v1/models"}
+_PATHS = {**PATHS, "models": "/v1/models"}
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """The most a request can use: ``tokens`` in all, of which ``prompt`` for its prompt."""
+
+    tokens: int
+    prompt: int
 
 
 @dataclass(slots=True)
@@ -56,6 +64,12 @@ class Gatekeeper:
 
     def _reject(self, client_id: str, reason: str) -> None:
         self.metrics.rejections.labels(client_id, reason).inc()
+
+    def _rate_limited(self, client_id: str, denied: Denied) -> RateLimited:
+        self._reject(client_id, f"rate_{denied.what}")
+        what = {"requests": "requests per minute", "tokens": "tokens per minute"}[denied.what]
+        return RateLimited(f"Rate limit reached for this client ({what}). "
+                           f"Retry after {denied.retry_after_s} s.", denied.retry_after_s)
 
     def authorize(self, principal: Principal, scope: str) -> Policy:
         """The caller's policy, if it grants ``scope`` to this key or token."""
@@ -80,9 +94,9 @@ class Gatekeeper:
                                 "access to it.", param="model")
 
     def apply_caps(self, policy: Policy, payload: dict[str, Any], endpoint: str,
-                   route: ModelRoute, body_len: int) -> tuple[bool, int]:
+                   route: ModelRoute, body_len: int) -> tuple[bool, Cost]:
         """Enforce the policy's caps; fill in ``max_tokens`` from the cap when the request gives
-        none. Returns (payload changed, tokens to reserve)."""
+        none. Returns (payload changed, the most the request can cost)."""
         caps = policy.caps
         changed = False
         n = payload.get("n", 1)
@@ -99,9 +113,10 @@ class Gatekeeper:
                 raise InvalidRequest(f"{count} messages; this client may send at most "
                                      f"{caps.messages}.", param="messages",
                                      code="too_many_messages")
+        # Every prompt token comes from the body's bytes: an upper bound without a tokenizer.
         prompt_estimate = min(body_len, route.max_model_len)
         if endpoint == "embeddings":
-            return changed, prompt_estimate
+            return changed, Cost(prompt_estimate, prompt_estimate)
         param = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
         asked = payload.get(param)
         if asked is None and caps.max_tokens is not None:
@@ -113,18 +128,18 @@ class Gatekeeper:
                                  f"{caps.max_tokens}.", param=param, code="max_tokens_exceeded")
         completion = asked if isinstance(asked, int) else route.max_model_len
         completion = min(completion, route.max_model_len)
-        return changed, min(prompt_estimate + n * completion, n * route.max_model_len)
+        tokens = min(prompt_estimate + n * completion, n * route.max_model_len)
+        return changed, Cost(tokens, prompt_estimate)
 
-    async def admit(self, principal: Principal, policy: Policy, model: str, tokens: int,
-                    prompt_estimate: int) -> Admission:
+    async def admit(self, principal: Principal, policy: Policy, model: str,
+                    cost: Cost) -> Admission:
         client_id = principal.client_id or ""
         limits = policy.limits
         denied = await self.limiter.admit(client_id, limits)
         if denied is not None:
-            self._reject(client_id, f"rate_{denied.what}")
-            raise RateLimited(f"Rate limit reached for this client ({_describe(denied.what)}). "
-                              f"Retry after {denied.retry_after_s} s.", denied.retry_after_s)
-        admission = Admission(client_id, policy, model, prompt_estimate=prompt_estimate)
+            raise self._rate_limited(client_id, denied)
+        tokens = cost.tokens
+        admission = Admission(client_id, policy, model, prompt_estimate=cost.prompt)
         if limits.concurrent is not None:
             lease = f"{_PROCESS}.{next(_LEASES)}"  # unique without a syscall per request
             if not await self.limiter.acquire(client_id, limits.concurrent, lease):
@@ -145,7 +160,7 @@ class Gatekeeper:
             except LedgerUnavailable:
                 await self._release(admission)
                 raise StoreUnavailable(
-                    "The budget ledger cannot be written; retry shortly.") from None
+                    "The budget ledger cannot be written; retry shortly.", 1) from None
             except BaseException:
                 await self._release(admission)
                 raise
@@ -190,18 +205,11 @@ class Gatekeeper:
             await self._release(admission)
         if charge:
             self.metrics.client_tokens.labels(admission.client_id, admission.model).inc(charge)
-        if charge and admission.policy.limits.tokens_per_minute is not None:
             await self.limiter.charge_tokens(admission.client_id, admission.policy.limits, charge)
 
     async def admit_listing(self, principal: Principal, policy: Policy) -> None:
         """``/v1/models``: counts against requests per minute only."""
-        denied = await self.limiter.admit(principal.client_id or "", policy.limits.model_copy(
-            update={"tokens_per_minute": None}))
+        client_id = principal.client_id or ""
+        denied = await self.limiter.admit(client_id, policy.limits, count_tokens=False)
         if denied is not None:
-            self._reject(principal.client_id or "", f"rate_{denied.what}")
-            raise RateLimited(f"Rate limit reached for this client ({_describe(denied.what)}). "
-                              f"Retry after {denied.retry_after_s} s.", denied.retry_after_s)
-
-
-def _describe(what: str) -> str:
-    return {"requests": "requests per minute", "tokens": "tokens per minute"}.get(what, what)
+            raise self._rate_limited(client_id, denied)

@@ -73,6 +73,28 @@ class _Lease:
     last_used: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetStatus:
+    kind: str  # "day" | "month"
+    period: str  # "2026-11-23" | "2026-11"
+    limit: int | None
+    used: int
+    reserved: int  # held in gateways' leases
+
+
+async def budget_status(repo: LedgerRepository, client_id: str,
+                        budgets: Budgets | None) -> list[BudgetStatus]:
+    """A client's budgets for today and this month: limit, used, held in leases."""
+    now = datetime.now(UTC)
+    periods = (("day", day_key(now), budgets.tokens_per_day if budgets else None),
+               ("month", month_key(now), budgets.tokens_per_month if budgets else None))
+    counters = await repo.counters(client_id, [p for _, p, _ in periods])
+    return [BudgetStatus(kind, period, limit,
+                         counters[period].used if period in counters else 0,
+                         counters[period].reserved if period in counters else 0)
+            for kind, period, limit in periods]
+
+
 def seconds_until_period_end(period: str, now: datetime) -> int:
     if period == "day":
         end = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -105,7 +127,6 @@ class BudgetLedger:
         self._flushing = False
         self._writer: asyncio.Task[None] | None = None
         self.batches = 0
-        self.lost_settlements = 0
 
     def start(self) -> None:
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -163,10 +184,11 @@ class BudgetLedger:
     def settle(self, reservation: Reservation | None, client_id: str, model: str,
                prompt_tokens: int, completion_tokens: int, charge: int) -> None:
         """Settle a reservation (or count an unbudgeted request's usage); returns at once."""
-        now = datetime.now(UTC)
         lease_id = None
-        day, month = day_key(now), month_key(now)
-        if reservation is not None:
+        if reservation is None:
+            now = datetime.now(UTC)
+            day, month = day_key(now), month_key(now)
+        else:
             day, month = reservation.day, reservation.month
             lease = self._leases.get((reservation.client_id, day, month))
             if lease is not None and lease.id == reservation.lease_id:
@@ -217,8 +239,8 @@ class BudgetLedger:
     async def sweep(self) -> int:
         released = await self.repo.sweep(datetime.now(UTC))
         if released:
-            log.warning("released reservations left open by a stopped gateway",
-                        extra={"reservations": released})
+            log.warning("released budget leases of a gateway that stopped renewing them",
+                        extra={"leases": released})
         return released
 
     async def keep_swept(self, interval_s: float) -> None:
@@ -226,39 +248,39 @@ class BudgetLedger:
             try:
                 await self.sweep()
             except Exception:  # the next round tries again
-                log.warning("reservation sweep failed", exc_info=True)
+                log.warning("budget lease sweep failed", exc_info=True)
             await asyncio.sleep(interval_s)
 
     async def _write_loop(self) -> None:
-        """Reservations are written at once (a request waits for them), as many per
-        transaction as are waiting; settlements wait up to ``settle_delay_s`` to share a
+        """Grants are written at once (a request waits for them), as many per transaction as
+        are waiting; settlements wait up to ``settle_delay_s`` to share a
         transaction, off the path of the next reservation."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                reserves = self._grants[:_MAX_BATCH]
-                del self._grants[:len(reserves)]
+                grants = self._grants[:_MAX_BATCH]
+                del self._grants[:len(grants)]
                 wait = self._delay - (time.monotonic() - self._settles_since)
                 due = bool(self._settles) and (
                     self._flushing or len(self._settles) >= _MAX_BATCH or wait <= 0)
                 settles: list[Op] = []
                 if due:
                     settles, self._settles = self._settles, []
-                if not reserves and not settles:
+                if not grants and not settles:
                     if self._settles:
                         # Woken early (a timer may fire a little before its time): come back.
                         asyncio.get_running_loop().call_later(wait, self._wake.set)
                     break
                 self._busy = True
                 try:
-                    await self._write(reserves, settles)
+                    await self._write(grants, settles)
                 finally:
                     self._busy = False
 
-    async def _write(self, reserves: list[tuple[Grant, asyncio.Future[str | None]]],
+    async def _write(self, grants: list[tuple[Grant, asyncio.Future[str | None]]],
                      settles: list[Op]) -> None:
-        ops: list[Op] = [op for op, _ in reserves]
+        ops: list[Op] = [op for op, _ in grants]
         ops += settles
         for attempt in range(3):
             try:
@@ -270,13 +292,12 @@ class BudgetLedger:
                     continue
                 log.error("ledger write failed", extra={"ops": len(ops),
                                                         "reason": type(exc).__name__})
-                for _, done in reserves:
+                for _, done in grants:
                     if not done.done():
                         done.set_exception(LedgerUnavailable())
-                self.lost_settlements += len(settles)
                 return
         self.batches += 1
-        for (op, done), result in zip(reserves, results, strict=False):
+        for (op, done), result in zip(grants, results, strict=False):
             if result is None:
                 lease = self._leases.get((op.client_id, op.day, op.month))
                 if lease is not None and lease.id == op.lease_id:

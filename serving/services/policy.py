@@ -8,11 +8,26 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from serving.storage.policies import Policy, PolicyError, PolicyFile, load_policies
 
 log = logging.getLogger("enclave.policy")
+
+
+def key_scopes(policy_name: str, policy: Policy, requested: Iterable[str] | None) -> frozenset[str]:
+    """The scopes a new key of a client on this policy gets: what was asked for (default:
+    everything the policy allows), refused when it goes beyond the policy."""
+    allowed = frozenset(policy.scopes)
+    scopes = allowed if requested is None else frozenset(requested)
+    if not scopes:
+        raise ValueError("a key needs at least one scope")
+    beyond = scopes - allowed
+    if beyond:
+        raise ValueError(f"scope(s) {', '.join(sorted(beyond))} are beyond the policy "
+                         f"{policy_name!r} (it allows {', '.join(policy.scopes)})")
+    return scopes
 
 
 class PolicyStore:

@@ -62,6 +62,10 @@ _SLOT_CHUNK_MAX = 8
 _SLOT_IDLE_S = 1.0
 
 
+def _slot_key(client_id: str) -> str:
+    return f"enclave:conc:{client_id}"
+
+
 @dataclass(slots=True)
 class _Slots:
     """Concurrency slots this gateway holds in Redis for one client."""
@@ -126,7 +130,7 @@ class RateLimiter:
             for client_id, slots in self._slots.items():
                 if slots.ids:
                     with contextlib.suppress(RedisError, OSError):
-                        await self._redis.zrem(f"enclave:conc:{client_id}", *slots.ids)
+                        await self._redis.zrem(_slot_key(client_id), *slots.ids)
             self._slots.clear()
         if self._tpm_flush is not None:
             self._tpm_flush.cancel()
@@ -159,20 +163,22 @@ class RateLimiter:
             log.warning("rate-limit store unreachable: limits are per gateway until it is back",
                         extra={"reason": type(exc).__name__, "times": self.fallbacks})
 
-    async def admit(self, client_id: str, limits: Limits) -> Denied | None:
-        """Count one request; None when admitted."""
+    async def admit(self, client_id: str, limits: Limits,
+                    count_tokens: bool = True) -> Denied | None:
+        """Count one request; None when admitted. ``count_tokens``: also refuse it when the
+        client is over its tokens per minute."""
         if self._shared is None:
-            return await self._admit(self._local, client_id, limits, bulk=False)
+            return await self._admit(self._local, client_id, limits, False, count_tokens)
         try:
-            return await self._admit(self._shared, client_id, limits, bulk=True)
+            return await self._admit(self._shared, client_id, limits, True, count_tokens)
         except (RedisError, OSError) as exc:
             self._fell_back(exc)
-            return await self._admit(self._local, client_id, limits, bulk=False)
+            return await self._admit(self._local, client_id, limits, False, count_tokens)
 
-    async def _admit(self, c: _Counters, client_id: str, limits: Limits,
-                     bulk: bool) -> Denied | None:
+    async def _admit(self, c: _Counters, client_id: str, limits: Limits, bulk: bool,
+                     count_tokens: bool) -> Denied | None:
         now = time.monotonic()
-        if limits.tokens_per_minute is not None and not (
+        if count_tokens and limits.tokens_per_minute is not None and not (
                 bulk and self._tpm_ok_until.get(client_id, 0.0) > now):
             item = self._item(limits.tokens_per_minute)
             if not await c.tokens.test(item, "tpm", client_id):
@@ -253,7 +259,7 @@ class RateLimiter:
             ids = [f"{lease_id}.{i}" for i in range(want)]
             wall = time.time()
             try:
-                got = int(await self._acquire(keys=[f"enclave:conc:{client_id}"],
+                got = int(await self._acquire(keys=[_slot_key(client_id)],
                                               args=[wall, wall + self._lease_ttl, limit, *ids]))
             except (RedisError, OSError) as exc:
                 self._fell_back(exc)
@@ -295,7 +301,7 @@ class RateLimiter:
             renew = now - renewed >= self._lease_ttl / 3
             for client_id, slots in list(self._slots.items()):
                 spare = len(slots.ids) - slots.in_use
-                key = f"enclave:conc:{client_id}"
+                key = _slot_key(client_id)
                 try:
                     if spare > 0 and now - slots.last_used >= _SLOT_IDLE_S:
                         freed, slots.ids = slots.ids[:spare], slots.ids[spare:]

@@ -62,20 +62,22 @@ def resolve_model(payload: dict[str, Any],
         # The name is the client's own string; it is safe to say which model, trimmed.
         raise ModelNotFound(f"The model '{model[:100]}' does not exist or you do not have "
                             "access to it.", param="model")
-    if engine is not None:
-        payload["model"] = alias  # the engine serves every version under the alias
     return route, engine
 
 
 def validate(payload: dict[str, Any], raw: bytes, endpoint: str, route: ModelRoute,
              engine: EngineState | None = None, changed: bool = False) -> ParsedRequest:
-    """Check the fields the gateway acts on; return what to send to the engine. ``changed``:
-    the payload was modified (a pinned version, a policy default) and must be re-encoded.
+    """Check the fields the gateway acts on; return what to send to the engine, for ``engine``
+    when the request pins a version. ``changed``: the payload was modified (a policy default)
+    and must be re-encoded.
     Runs after the caller's policy allowed the model, so a refusal here reveals nothing."""
     if endpoint not in ENDPOINTS_BY_TASK[route.task]:
         raise InvalidRequest(
             f"The model '{route.name}' does not support {PATHS[endpoint]}.", param="model",
             code="unsupported_endpoint")
+    if engine is not None:
+        payload["model"] = route.name  # the engine serves every version under the alias
+        changed = True
     _check_shape(payload, endpoint)
     _check_max_tokens(payload, route)
 

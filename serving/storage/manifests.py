@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serving.storage.yamlfile import parse_model
 
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 # Engine flags the supervisor owns: a manifest must not move the engine off loopback or expose
@@ -139,19 +140,10 @@ class Deployment(BaseModel):
 
 def load_manifest(path: Path) -> Manifest:
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text()
+    except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a mapping at the top level")
-    try:
-        manifest = Manifest.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ManifestError(f"{path}: {problems}") from None
+    manifest = parse_model(text, str(path), Manifest, ManifestError)
     if path.stem != manifest.name:
         raise ManifestError(f"{path}: the file must be named {manifest.name}.yaml")
     return manifest

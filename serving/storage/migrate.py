@@ -43,10 +43,6 @@ def _upgrade(connection: Connection) -> str | None:
     return before
 
 
-def _current(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
-
-
 async def upgrade(engine: AsyncEngine) -> tuple[str | None, str]:
     """Migrate to head. Returns (revision before, revision now)."""
     async with engine.begin() as conn:
@@ -55,7 +51,3 @@ async def upgrade(engine: AsyncEngine) -> tuple[str | None, str]:
         before = await conn.run_sync(_upgrade)
     return before, head()
 
-
-async def current(engine: AsyncEngine) -> str | None:
-    async with engine.connect() as conn:
-        return await conn.run_sync(_current)

@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serving.storage.manifests import NAME_RE
+from serving.storage.yamlfile import parse_model
 
 Scope = Literal["chat", "completions", "embeddings", "models", "admin"]
 SCOPES: tuple[str, ...] = ("chat", "completions", "embeddings", "models", "admin")
@@ -82,21 +82,7 @@ class PolicyFile(_Strict):
 
 
 def parse_policies(text: str, source: str, known_models: set[str] | None) -> PolicyFile:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PolicyError(f"{source}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise PolicyError(f"{source}: expected a mapping at the top level")
-    try:
-        parsed = PolicyFile.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
-            + (f" (got {err['input']!r})" if isinstance(err.get("input"), str | int | float)
-               else "")
-            for err in exc.errors())
-        raise PolicyError(f"{source}: {problems}") from None
+    parsed = parse_model(text, source, PolicyFile, PolicyError)
     for name, policy in parsed.policies.items():
         if not re.fullmatch(NAME_RE, name):
             raise PolicyError(f"{source}: policies.{name}: a policy name must match {NAME_RE}")

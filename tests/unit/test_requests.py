@@ -17,7 +17,7 @@ def parse(body: object, endpoint: str, pool: EnginePool) -> requests.ParsedReque
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     payload = requests.decode(raw)
     route, pinned = requests.resolve_model(payload, pool)
-    return requests.validate(payload, raw, endpoint, route, pinned, pinned is not None)
+    return requests.validate(payload, raw, endpoint, route, pinned)
 
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
