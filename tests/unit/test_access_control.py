@@ -187,9 +187,13 @@ def test_a_bad_policy_reload_is_refused_and_the_old_one_stays(gw: GatewayServer,
 
 def test_the_requests_per_minute_limit_answers_429_with_retry_after(gw: GatewayServer) -> None:
     key = new_key(gw.settings, "chatty", "limited")
-    codes = [httpx.get(gw.url + "/v1/models", headers=auth(key)).status_code for _ in range(61)]
-    assert codes[:60] == [200] * 60
+    codes = [httpx.get(gw.url + "/v1/models", headers=auth(key)).status_code for _ in range(60)]
+    assert codes == [200] * 60
+    # A sliding window counter: when the burst straddles a minute boundary the previous
+    # minute's weight starts to decay, which can let one more in (the "+1 for a window edge").
     last = httpx.get(gw.url + "/v1/models", headers=auth(key))
+    if last.status_code == 200:
+        last = httpx.get(gw.url + "/v1/models", headers=auth(key))
     err = error(last, 429)
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
     assert 1 <= int(last.headers["retry-after"]) <= 60
