@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from tests.support import (
     GatewayServer,
     copy_manifests,
     free_port,
+    running_gateway,
+    stop_process,
     write_policies,
 )
 
@@ -103,12 +104,7 @@ class Engines:
         return total
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, 60)
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +126,15 @@ def gateway_settings(root: Path, models_dir: Path, **overrides: object) -> Setti
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def engineless_gateway(tmp_path_factory: pytest.TempPathFactory, name: str,
+                       **overrides: object) -> Iterator[GatewayServer]:
+    """A real gateway whose engines do not run: for a module-scoped fixture to ``yield from``."""
+    root = tmp_path_factory.mktemp(name)
+    with running_gateway(gateway_settings(root, copy_manifests(root / "models"),
+                                          **overrides)) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

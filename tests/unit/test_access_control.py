@@ -14,14 +14,15 @@ import pytest
 
 from serving.bench.servers import RedisServer
 from serving.settings import Settings
-from tests.conftest import cli, gateway_settings, new_key, settings_env
+from tests.conftest import cli, engineless_gateway, gateway_settings, new_key, settings_env
 from tests.support import (
     TEST_POLICIES,
     GatewayProcess,
     GatewayServer,
     LogCapture,
+    assert_openai_error,
+    bearer,
     copy_manifests,
-    running_gateway,
 )
 
 
@@ -33,25 +34,12 @@ def logs() -> Iterator[LogCapture]:
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, logs: LogCapture) -> Iterator[GatewayServer]:
-    root = tmp_path_factory.mktemp("gw-access")
-    with running_gateway(gateway_settings(root, copy_manifests(root / "models"))) as server:
-        yield server
+    yield from engineless_gateway(tmp_path_factory, "gw-access")
 
 
 @pytest.fixture(scope="module")
 def admin_key(gw: GatewayServer) -> str:
     return new_key(gw.settings, "ops", "admin")
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-def error(resp: httpx.Response, status: int) -> dict[str, object]:
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return dict(err)
 
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -60,84 +48,84 @@ EMBED = {"model": "minilm-embed", "input": "hi"}
 
 def test_scopes_and_model_allowlist_are_enforced(gw: GatewayServer) -> None:
     key = new_key(gw.settings, "embedder", "embed-only")
-    models = httpx.get(gw.url + "/v1/models", headers=auth(key)).json()
+    models = httpx.get(gw.url + "/v1/models", headers=bearer(key)).json()
     assert [m["id"] for m in models["data"]] == ["minilm-embed"]  # only what it may call
-    chat = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=auth(key))
-    assert error(chat, 403)["code"] == "permission_denied"
+    chat = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=bearer(key))
+    assert assert_openai_error(chat, 403)["code"] == "permission_denied"
     # Allowed scope, model not allowed: the same 404 as a model that does not exist.
     other = httpx.post(gw.url + "/v1/embeddings", json={**EMBED, "model": "demo-chat"},
-                       headers=auth(key))
-    assert error(other, 404)["code"] == "model_not_found"
+                       headers=bearer(key))
+    assert assert_openai_error(other, 404)["code"] == "model_not_found"
     # The query string and headers never choose the model.
     sneaky = httpx.post(gw.url + "/v1/embeddings?model=minilm-embed",
                         json={**EMBED, "model": "demo-chat"},
-                        headers={**auth(key), "model": "minilm-embed",
+                        headers={**bearer(key), "model": "minilm-embed",
                                  "x-model": "minilm-embed"})
-    assert error(sneaky, 404)["code"] == "model_not_found"
-    allowed = httpx.post(gw.url + "/v1/embeddings", json=EMBED, headers=auth(key))
-    assert error(allowed, 503)["code"] == "engine_unavailable"  # past every check
+    assert assert_openai_error(sneaky, 404)["code"] == "model_not_found"
+    allowed = httpx.post(gw.url + "/v1/embeddings", json=EMBED, headers=bearer(key))
+    assert assert_openai_error(allowed, 503)["code"] == "engine_unavailable"  # past every check
 
 
 def test_a_key_with_fewer_scopes_than_its_policy_gets_only_those(gw: GatewayServer) -> None:
     key = new_key(gw.settings, "lister", "default", "--scopes", "models")
-    assert httpx.get(gw.url + "/v1/models", headers=auth(key)).status_code == 200
-    resp = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=auth(key))
-    assert "chat" in str(error(resp, 403)["message"])
+    assert httpx.get(gw.url + "/v1/models", headers=bearer(key)).status_code == 200
+    resp = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=bearer(key))
+    assert "chat" in str(assert_openai_error(resp, 403)["message"])
     over = cli(gw.settings, "keys", "create", "--client", "lister", "--scopes", "admin")
     assert over.returncode == 1 and "beyond the policy" in over.stderr
 
 
 def test_expired_revoked_and_rotated_out_keys_fail(gw: GatewayServer) -> None:
     short = new_key(gw.settings, "shortlived", "default", "--expires", "2s")
-    assert httpx.get(gw.url + "/v1/models", headers=auth(short)).status_code == 200
+    assert httpx.get(gw.url + "/v1/models", headers=bearer(short)).status_code == 200
     time.sleep(2.7)  # expiry + the key cache's lifetime
-    assert error(httpx.get(gw.url + "/v1/models", headers=auth(short)), 401)
+    assert_openai_error(httpx.get(gw.url + "/v1/models", headers=bearer(short)), 401)
     old = new_key(gw.settings, "rotating", "default")
     old_id = old.split("-")[2]
     rotated = cli(gw.settings, "keys", "rotate", old_id, "--grace", "1s")
     assert rotated.returncode == 0, rotated.stderr
     new = rotated.stdout.strip()
-    assert httpx.get(gw.url + "/v1/models", headers=auth(old)).status_code == 200  # grace
+    assert httpx.get(gw.url + "/v1/models", headers=bearer(old)).status_code == 200  # grace
     time.sleep(1.7)
-    assert error(httpx.get(gw.url + "/v1/models", headers=auth(old)), 401)
-    assert httpx.get(gw.url + "/v1/models", headers=auth(new)).status_code == 200
+    assert_openai_error(httpx.get(gw.url + "/v1/models", headers=bearer(old)), 401)
+    assert httpx.get(gw.url + "/v1/models", headers=bearer(new)).status_code == 200
     assert cli(gw.settings, "keys", "revoke", new.split("-")[2]).returncode == 0
     time.sleep(0.7)
-    assert error(httpx.get(gw.url + "/v1/models", headers=auth(new)), 401)
+    assert_openai_error(httpx.get(gw.url + "/v1/models", headers=bearer(new)), 401)
 
 
 def test_a_disabled_client_is_refused_within_seconds(gw: GatewayServer) -> None:
     key = new_key(gw.settings, "to-disable", "default")
-    assert httpx.get(gw.url + "/v1/models", headers=auth(key)).status_code == 200
+    assert httpx.get(gw.url + "/v1/models", headers=bearer(key)).status_code == 200
     assert cli(gw.settings, "clients", "set", "to-disable", "--disable").returncode == 0
     time.sleep(0.7)
-    assert error(httpx.get(gw.url + "/v1/models", headers=auth(key)), 401)
+    assert_openai_error(httpx.get(gw.url + "/v1/models", headers=bearer(key)), 401)
 
 
 def test_admin_api_manages_clients_and_keys_and_never_shows_secrets(
         gw: GatewayServer, admin_key: str, logs: LogCapture) -> None:
-    h = auth(admin_key)
+    h = bearer(admin_key)
     made = httpx.post(gw.url + "/admin/v1/clients", headers=h,
                       json={"name": "billing", "policy": "chat-only", "description": "Billing"})
     assert made.status_code == 201, made.text
     dup = httpx.post(gw.url + "/admin/v1/clients", headers=h,
                      json={"name": "billing", "policy": "chat-only"})
-    assert error(dup, 400)["code"] == "client_exists"
+    assert assert_openai_error(dup, 400)["code"] == "client_exists"
     bad = httpx.post(gw.url + "/admin/v1/clients", headers=h,
                      json={"name": "x", "policy": "no-such-policy"})
-    assert "no-such-policy" in str(error(bad, 400)["message"])
+    assert "no-such-policy" in str(assert_openai_error(bad, 400)["message"])
     extra = httpx.post(gw.url + "/admin/v1/keys", headers=h,
                        json={"client": "billing", "scopes": ["chat", "embeddings"]})
-    assert "embeddings" in str(error(extra, 400)["message"])
+    assert "embeddings" in str(assert_openai_error(extra, 400)["message"])
     typo = httpx.post(gw.url + "/admin/v1/keys", headers=h,
                       json={"client": "billing", "expires_in": "soon"})
-    assert error(typo, 400)["param"] == "expires_in"
+    assert assert_openai_error(typo, 400)["param"] == "expires_in"
     created = httpx.post(gw.url + "/admin/v1/keys", headers=h,
                          json={"client": "billing", "expires_in": "90d", "name": "prod"})
     assert created.status_code == 201, created.text
     key = created.json()["key"]
     assert created.json()["scopes"] == ["chat", "models"]
-    assert httpx.get(gw.url + "/v1/models", headers=auth(key)).status_code == 200
+    assert httpx.get(gw.url + "/v1/models", headers=bearer(key)).status_code == 200
     rotated = httpx.post(gw.url + f"/admin/v1/keys/{created.json()['id']}/rotate", headers=h,
                          json={"grace": "1h"})
     assert rotated.status_code == 201 and rotated.json()["previous"]["expires_at"] is not None
@@ -158,11 +146,12 @@ def test_admin_api_manages_clients_and_keys_and_never_shows_secrets(
 
 def test_admin_and_client_keys_stay_in_their_lanes(gw: GatewayServer, admin_key: str) -> None:
     client_key = new_key(gw.settings, "lane", "default")
-    assert error(httpx.get(gw.url + "/admin/v1/clients", headers=auth(client_key)), 403)
-    assert error(httpx.get(gw.url + "/v1/models", headers=auth(admin_key)), 403)
-    assert error(httpx.post(gw.url + "/v1/chat/completions", json=CHAT,
-                            headers=auth(admin_key)), 403)
-    assert error(httpx.get(gw.url + "/admin/v1/clients"), 401)
+    assert_openai_error(
+        httpx.get(gw.url + "/admin/v1/clients", headers=bearer(client_key)), 403)
+    assert_openai_error(httpx.get(gw.url + "/v1/models", headers=bearer(admin_key)), 403)
+    assert_openai_error(httpx.post(gw.url + "/v1/chat/completions", json=CHAT,
+                                   headers=bearer(admin_key)), 403)
+    assert_openai_error(httpx.get(gw.url + "/admin/v1/clients"), 401)
     mixed = cli(gw.settings, "clients", "create", "ops2", "--policy", "admin")
     assert mixed.returncode == 0
     both = cli(gw.settings, "keys", "create", "--client", "ops2", "--scopes", "admin,chat")
@@ -174,27 +163,27 @@ def test_a_bad_policy_reload_is_refused_and_the_old_one_stays(gw: GatewayServer,
     path = gw.settings.policies_file
     path.write_text(TEST_POLICIES.replace("version: 1", "version: 2")
                     .replace("[chat, models]", "[chat, modelz]"))
-    resp = httpx.post(gw.url + "/admin/v1/policies/reload", headers=auth(admin_key))
-    err = error(resp, 400)
+    resp = httpx.post(gw.url + "/admin/v1/policies/reload", headers=bearer(admin_key))
+    err = assert_openai_error(resp, 400)
     assert err["code"] == "invalid_policy_file" and "modelz" in str(err["message"])
     assert httpx.get(gw.url + "/admin/v1/policies",
-                     headers=auth(admin_key)).json()["version"] == 1
+                     headers=bearer(admin_key)).json()["version"] == 1
     path.write_text(TEST_POLICIES.replace("version: 1", "version: 2"))
     time.sleep(1.2)  # picked up by the file watcher
     assert httpx.get(gw.url + "/admin/v1/policies",
-                     headers=auth(admin_key)).json()["version"] == 2
+                     headers=bearer(admin_key)).json()["version"] == 2
 
 
 def test_the_requests_per_minute_limit_answers_429_with_retry_after(gw: GatewayServer) -> None:
     key = new_key(gw.settings, "chatty", "limited")
-    codes = [httpx.get(gw.url + "/v1/models", headers=auth(key)).status_code for _ in range(60)]
+    codes = [httpx.get(gw.url + "/v1/models", headers=bearer(key)).status_code for _ in range(60)]
     assert codes == [200] * 60
     # A sliding window counter: when the burst straddles a minute boundary the previous
     # minute's weight starts to decay, which can let one more in (the "+1 for a window edge").
-    last = httpx.get(gw.url + "/v1/models", headers=auth(key))
+    last = httpx.get(gw.url + "/v1/models", headers=bearer(key))
     if last.status_code == 200:
-        last = httpx.get(gw.url + "/v1/models", headers=auth(key))
-    err = error(last, 429)
+        last = httpx.get(gw.url + "/v1/models", headers=bearer(key))
+    err = assert_openai_error(last, 429)
     assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
     assert 1 <= int(last.headers["retry-after"]) <= 60
     assert 'enclave_rejections_total{client="chatty",reason="rate_requests"}' in httpx.get(
@@ -213,7 +202,7 @@ def test_two_gateway_processes_share_one_limit_through_redis(
             g.start()
 
         def hammer(url: str) -> list[int]:
-            with httpx.Client(headers=auth(key)) as client:
+            with httpx.Client(headers=bearer(key)) as client:
                 return [client.get(url + "/v1/models").status_code for _ in range(50)]
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -8,29 +8,23 @@ import httpx
 import pytest
 
 from serving.services.auth import PREFIX
-from tests.conftest import cli, gateway_settings, new_key
-from tests.support import GatewayServer, LogCapture, copy_manifests, running_gateway
+from tests.conftest import cli, engineless_gateway, new_key
+from tests.support import (
+    GatewayServer,
+    LogCapture,
+    assert_openai_error,
+)
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    root = tmp_path_factory.mktemp("gw-no-engines")
-    settings = gateway_settings(root, copy_manifests(root / "models"), max_body_bytes=4096,
-                                retry_after_s=7)
-    with running_gateway(settings) as server:
-        yield server
+    yield from engineless_gateway(tmp_path_factory, "gw-no-engines", max_body_bytes=4096,
+                                  retry_after_s=7)
 
 
 @pytest.fixture(scope="module")
 def key(gw: GatewayServer) -> str:
     return new_key(gw.settings, "unit")
-
-
-def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, object]:
-    assert resp.status_code == status, resp.text
-    error = resp.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return dict(error)
 
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}

@@ -34,8 +34,14 @@ from serving.settings import Settings
 from serving.storage import migrate
 from serving.storage.db import create_engine
 from serving.storage.signing import SigningKeyRepository
-from tests.conftest import cli, gateway_settings, new_key
-from tests.support import GatewayServer, copy_manifests, running_gateway
+from tests.conftest import cli, engineless_gateway, gateway_settings, new_key
+from tests.support import (
+    GatewayServer,
+    assert_openai_error,
+    bearer,
+    copy_manifests,
+    running_gateway,
+)
 
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}
 ALL_SCOPES = "chat completions embeddings models"
@@ -65,23 +71,12 @@ def hs256(header: dict[str, Any], claims: dict[str, Any], secret: bytes) -> str:
     return f"{signing_input}.{b64url(mac)}"
 
 
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    error = resp.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return dict(error)
-
-
 def models(gw: GatewayServer, token: str) -> httpx.Response:
-    return httpx.get(gw.url + "/v1/models", headers=auth(token))
+    return httpx.get(gw.url + "/v1/models", headers=bearer(token))
 
 
 def chat(gw: GatewayServer, token: str) -> httpx.Response:
-    return httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=auth(token))
+    return httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=bearer(token))
 
 
 def exchange(gw: GatewayServer, **form: str) -> httpx.Response:
@@ -134,9 +129,7 @@ def wait_until(fn: Callable[[], bool], timeout_s: float, step_s: float = 0.25) -
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    root = tmp_path_factory.mktemp("gw-tokens")
-    with running_gateway(gateway_settings(root, copy_manifests(root / "models"))) as server:
-        yield server
+    yield from engineless_gateway(tmp_path_factory, "gw-tokens")
 
 
 @pytest.fixture(scope="module")
@@ -470,9 +463,7 @@ async def test_header_tricks_are_refused_in_process(local: Any) -> None:
 
 @pytest.fixture(scope="module")
 def rot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    root = tmp_path_factory.mktemp("gw-rotation")
-    with running_gateway(gateway_settings(root, copy_manifests(root / "models"))) as server:
-        yield server
+    yield from engineless_gateway(tmp_path_factory, "gw-rotation")
 
 
 @pytest.fixture(scope="module")
@@ -484,7 +475,7 @@ def test_admin_rotation_keeps_tokens_in_flight_valid(rot: GatewayServer, rot_sec
     old = token_for(rot, "app", rot_secret)
     old_kid = jwt.get_unverified_header(old)["kid"]
     admin = new_key(rot.settings, "ops", "admin")
-    resp = httpx.post(rot.url + "/admin/v1/signing-keys/rotate", headers=auth(admin))
+    resp = httpx.post(rot.url + "/admin/v1/signing-keys/rotate", headers=bearer(admin))
     assert resp.status_code == 201, resp.text
     new_kid = resp.json()["kid"]
     assert new_kid != old_kid and {old_kid, new_kid} <= set(resp.json()["published"])
@@ -495,7 +486,7 @@ def test_admin_rotation_keeps_tokens_in_flight_valid(rot: GatewayServer, rot_sec
     assert models(rot, new).status_code == 200
     assert {old_kid, new_kid} <= published_kids(rot)
     # An app token cannot rotate keys.
-    denied = httpx.post(rot.url + "/admin/v1/signing-keys/rotate", headers=auth(new))
+    denied = httpx.post(rot.url + "/admin/v1/signing-keys/rotate", headers=bearer(new))
     assert assert_openai_error(denied, 403)["code"] == "permission_denied"
 
 
