@@ -28,7 +28,7 @@ fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
 
 if [[ $# -eq 0 ]]; then
-    .venv/bin/ruff check serving tests
+    .venv/bin/ruff check serving monitoring tests
     .venv/bin/mypy
 fi
 # The engine environment (vLLM in its own virtualenv) and the demo model: no-ops once done.

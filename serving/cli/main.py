@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from monitoring.exporter.cli import exporter
 from serving import __version__
 from serving.cli.admin import db, oauth, policies, usage
 from serving.cli.bench import bench
@@ -30,6 +31,7 @@ cli.add_command(oauth)
 cli.add_command(db)
 cli.add_command(models)
 cli.add_command(bench)
+cli.add_command(exporter)
 
 
 def main() -> None:

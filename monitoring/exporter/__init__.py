@@ -1,0 +1,10 @@
+"""The GPU exporter: NVML read at scrape time, exposed under DCGM's metric names.
+
+Modules: ``nvml`` (loading the library, naming its errors), ``devices`` (a GPU's identity and
+labels), ``readings`` (what is read per GPU), ``collector`` (the prometheus-client collector),
+``xid`` (the XID event thread), ``deployments`` (process id → model deployment),
+``fake_nvml`` (a fake NVML for tests and the benchmark: never used unless asked for by name),
+``cli`` (`enclave exporter`).
+
+It never imports the gateway (``serving``): it runs on GPU hosts as its own process.
+"""

@@ -1,0 +1,3 @@
+from monitoring.exporter.cli import exporter
+
+exporter(prog_name="enclave exporter")

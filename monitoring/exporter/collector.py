@@ -1,0 +1,152 @@
+"""The prometheus-client collector: reads NVML at scrape time, one GPU's failure isolated.
+
+Health of the exporter itself: ``enclave_gpu_up`` per GPU (0 for a lost GPU, whose readings are
+dropped for that scrape while the other GPUs export), ``enclave_gpu_nvml_errors_total`` by call
+and error, ``enclave_gpu_exporter_scrape_duration_seconds``, ``enclave_gpu_nvml_available`` (0
+with the reason when there is no NVML: then zero GPUs are exported and nothing else fails).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from monitoring.exporter.deployments import Deployments
+from monitoring.exporter.devices import BASE_LABELS, Gpu, discover
+from monitoring.exporter.nvml import NVML, Calls, GpuLost, text
+from monitoring.exporter.readings import GPU_METRICS, read_gpu
+from monitoring.exporter.xid import CRITICAL_XIDS, XidWatcher
+
+Sample = tuple[str, tuple[str, ...], float]
+Family = GaugeMetricFamily | CounterMetricFamily
+
+
+class GpuCollector(Collector):
+    def __init__(self, nvml: NVML | None, *, hostname: str,
+                 deployments: Deployments | None = None, unavailable: str = "",
+                 watch_xids: bool = True) -> None:
+        self.nvml = nvml
+        self.hostname = hostname
+        self.unavailable = unavailable if nvml is None else ""
+        self.deployments = deployments or Deployments(None)
+        self.calls = Calls(nvml) if nvml is not None else None
+        self.gpus: list[Gpu] = []
+        self.driver: tuple[str, str] = ("", "")
+        self.xids: XidWatcher | None = None
+        self._last_duration = 0.0
+        self._lock = threading.Lock()  # concurrent scrapes each read; the duration is shared
+        if nvml is not None and self.calls is not None:
+            self.gpus = discover(nvml, self.calls, hostname)
+            self.driver = _driver(self.calls)
+            if watch_xids:
+                self.xids = XidWatcher(nvml, self.calls, self.gpus)
+                self.xids.start()
+
+    def close(self) -> None:
+        if self.xids is not None:
+            self.xids.stop()
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # read at scrape time only; registering must not touch NVML
+
+    def collect(self) -> Iterator[Metric]:
+        start = time.perf_counter()
+        families = self._families()
+        up = families["enclave_gpu_up"]
+        owner: Callable[[int], str] = self.deployments.owner
+        for gpu in self.gpus:
+            samples = self._read(gpu, owner)
+            up.add_metric(gpu.labels, 0 if samples is None else 1)
+            for name, extra, value in samples or ():
+                families[name].add_metric(gpu.labels + extra, value)
+        self._add_xids(families)
+        self._add_health(families)
+        with self._lock:
+            duration = self._last_duration
+            self._last_duration = time.perf_counter() - start
+        families["enclave_gpu_exporter_scrape_duration_seconds"].add_metric([], duration)
+        for family in families.values():
+            if family.samples:
+                yield family
+
+    def _read(self, gpu: Gpu, owner: Callable[[int], str]) -> list[Sample] | None:
+        if gpu.handle is None or self.nvml is None or self.calls is None:
+            return None
+        samples: list[Sample] = []
+
+        def emit(name: str, extra: tuple[str, ...], value: float) -> None:
+            samples.append((name, extra, value))
+
+        try:
+            read_gpu(self.nvml, self.calls, gpu, owner, emit)
+        except GpuLost:
+            return None
+        return samples
+
+    def _families(self) -> dict[str, Family]:
+        labels = list(BASE_LABELS)
+        families: dict[str, Family] = {
+            name: GaugeMetricFamily(name, doc, labels=labels + list(extra))
+            for name, (doc, extra) in GPU_METRICS.items()}
+        families["enclave_gpu_up"] = GaugeMetricFamily(
+            "enclave_gpu_up", "1 if the GPU answered NVML at this scrape; 0 if it is lost.",
+            labels=labels)
+        families["DCGM_FI_DEV_XID_ERRORS"] = GaugeMetricFamily(
+            "DCGM_FI_DEV_XID_ERRORS", "The last XID error code seen (0: none), as DCGM.",
+            labels=labels)
+        families["enclave_gpu_xid_errors"] = CounterMetricFamily(
+            "enclave_gpu_xid_errors", "XID errors by code (critical codes always present).",
+            labels=[*labels, "xid"])
+        families["enclave_gpu_nvml_errors"] = CounterMetricFamily(
+            "enclave_gpu_nvml_errors", "NVML calls that failed, by call and error "
+            "(a call a GPU does not support is counted once, then no longer made).",
+            labels=["call", "error"])
+        families["enclave_gpu_nvml_available"] = GaugeMetricFamily(
+            "enclave_gpu_nvml_available", "1 if NVML loaded; 0 with the reason.",
+            labels=["reason"])
+        families["enclave_gpu_devices"] = GaugeMetricFamily(
+            "enclave_gpu_devices", "GPUs NVML reported when the exporter started.",
+            labels=["Hostname"])
+        families["enclave_gpu_driver_info"] = GaugeMetricFamily(
+            "enclave_gpu_driver_info", "The NVIDIA driver and the CUDA version it supports.",
+            labels=["driver_version", "cuda_version", "Hostname"])
+        families["enclave_gpu_exporter_scrape_duration_seconds"] = GaugeMetricFamily(
+            "enclave_gpu_exporter_scrape_duration_seconds",
+            "Wall time the previous scrape took to read NVML and build the metrics.")
+        return families
+
+    def _add_xids(self, families: dict[str, Family]) -> None:
+        if self.xids is None:
+            counts: dict[tuple[str, int], int] = {}
+            last: dict[str, int] = {}
+        else:
+            counts, last = self.xids.counts()
+        for gpu in self.gpus:
+            if not gpu.uuid:
+                continue
+            families["DCGM_FI_DEV_XID_ERRORS"].add_metric(gpu.labels, last.get(gpu.uuid, 0))
+            codes = set(CRITICAL_XIDS) | {x for (u, x) in counts if u == gpu.uuid}
+            for xid in sorted(codes):
+                families["enclave_gpu_xid_errors"].add_metric(
+                    [*gpu.labels, str(xid)], counts.get((gpu.uuid, xid), 0))
+
+    def _add_health(self, families: dict[str, Family]) -> None:
+        families["enclave_gpu_nvml_available"].add_metric(
+            [self.unavailable], 0 if self.nvml is None else 1)
+        families["enclave_gpu_devices"].add_metric([self.hostname], len(self.gpus))
+        if self.nvml is not None:
+            families["enclave_gpu_driver_info"].add_metric([*self.driver, self.hostname], 1)
+        if self.calls is not None:
+            for (call, error), n in self.calls.error_counts():
+                families["enclave_gpu_nvml_errors"].add_metric([call, error], n)
+
+
+def _driver(calls: Calls) -> tuple[str, str]:
+    driver = calls.read("driver", "nvmlSystemGetDriverVersion")
+    cuda = calls.read("cuda", "nvmlSystemGetCudaDriverVersion_v2")
+    cuda_text = f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) else ""
+    return text(driver or ""), cuda_text

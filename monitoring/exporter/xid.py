@@ -1,0 +1,95 @@
+"""XID events, from an NVML event set waited on in a background thread.
+
+Each event increments a counter labelled by GPU and XID code (a counter, not DCGM's latched
+last-XID gauge, so ``increase()`` sees every event, also two of the same code); the last code
+per GPU is kept too for the DCGM-compatible ``DCGM_FI_DEV_XID_ERRORS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+from monitoring.exporter.devices import Gpu
+from monitoring.exporter.nvml import NVML, Calls, GpuLost, text
+
+log = logging.getLogger("enclave.exporter")
+
+# XIDs that mean the GPU or its memory needs attention (NVIDIA's XID catalogue): always
+# exported, at 0 until seen, so that increase() counts the first one.
+CRITICAL_XIDS = (48, 63, 64, 74, 79, 92, 94, 95, 119, 120)
+WAIT_MS = 500
+
+
+class XidWatcher:
+    def __init__(self, nvml: NVML, calls: Calls, gpus: list[Gpu]) -> None:
+        self.nvml = nvml
+        self.calls = calls
+        self.gpus = [g for g in gpus if g.handle is not None]
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, int]] = Counter()
+        self._last: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.watching: set[str] = set()  # UUIDs whose XID events are registered
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="xid-events", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * WAIT_MS / 1000 + 1)
+
+    def counts(self) -> tuple[dict[tuple[str, int], int], dict[str, int]]:
+        with self._lock:
+            return dict(self._counts), dict(self._last)
+
+    def record(self, uuid: str, xid: int) -> None:
+        with self._lock:
+            self._counts[(uuid, xid)] += 1
+            self._last[uuid] = xid
+        log.warning("XID %d on GPU %s", xid, uuid)
+
+    def _run(self) -> None:
+        nvml = self.nvml
+        event_set = self.calls.read("eventset", "nvmlEventSetCreate")
+        if event_set is None:
+            return
+        try:
+            for gpu in self.gpus:
+                try:
+                    ok, _ = self.calls.call((gpu.index, "events"), "nvmlDeviceRegisterEvents",
+                                            gpu.handle, nvml.nvmlEventTypeXidCriticalError,
+                                            event_set)
+                except GpuLost:
+                    continue
+                if ok:
+                    self.watching.add(gpu.uuid)
+            if not self.watching:
+                log.info("no GPU reports XID events through NVML")
+                return
+            while not self._stop.is_set():
+                self._wait_once(event_set)
+        finally:
+            self.calls.read("eventset_free", "nvmlEventSetFree", event_set)
+
+    def _wait_once(self, event_set: object) -> None:
+        nvml = self.nvml
+        try:
+            data = nvml.nvmlEventSetWait_v2(event_set, WAIT_MS)
+        except nvml.NVMLError as exc:
+            if exc.value != nvml.NVML_ERROR_TIMEOUT:
+                self.calls.count("nvmlEventSetWait_v2", exc)
+                self._stop.wait(1.0)
+            return
+        if not data.eventType & nvml.nvmlEventTypeXidCriticalError:
+            return
+        try:
+            uuid = text(nvml.nvmlDeviceGetUUID(data.device))
+        except nvml.NVMLError as exc:
+            self.calls.count("nvmlDeviceGetUUID", exc)
+            return
+        self.record(uuid, int(data.eventData))
