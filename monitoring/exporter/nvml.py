@@ -9,6 +9,7 @@ not support is counted once and not tried again on that GPU.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter
 from collections.abc import Hashable
@@ -44,11 +45,12 @@ def error_name(nvml: NVML, exc: BaseException) -> str:
 
     Never ``str(exc)``: pynvml's asks the library for unknown codes, which may be gone.
     """
-    names = _names.get(id(nvml))
+    module = sys.modules[nvml.NVMLError.__module__]  # where the codes are defined
+    names = _names.get(id(module))
     if names is None:
-        names = {getattr(nvml, n): n[len("NVML_ERROR_"):].lower()
-                 for n in dir(nvml) if n.startswith("NVML_ERROR_")}
-        _names[id(nvml)] = names
+        names = {getattr(module, n): n[len("NVML_ERROR_"):].lower()
+                 for n in dir(module) if n.startswith("NVML_ERROR_")}
+        _names[id(module)] = names
     return names.get(getattr(exc, "value", -1), "unknown")
 
 
