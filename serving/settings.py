@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     allow_remote_engines: bool = Field(
         False, description="Allow engine URLs outside loopback and private ranges."
     )
+    exporter_port: int = Field(
+        9400, ge=0, le=65535, description="`enclave up` starts the GPU exporter on this "
+        "loopback port (DCGM's); 0: not started")
     log_level: str = "INFO"
     access_log: bool = True
 

@@ -11,6 +11,7 @@ from serving import logs
 from serving.cli import serve
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
 from serving.cli.models import build_demo_model, ensure_engine_env
+from serving.cli.sidecar import ExporterProcess
 from serving.engines.sources import resolve_model_dir
 from serving.engines.supervisor import Supervisor, WeightsError
 from serving.services.auth import IssuedKey
@@ -68,8 +69,9 @@ def _demo_key(settings: Settings) -> str:
     return with_store(settings, rotate).key
 
 
-def print_snippet(settings: Settings, key: str) -> None:
+def print_snippet(settings: Settings, key: str, exporter: ExporterProcess | None = None) -> None:
     base = f"http://{settings.host}:{settings.port}/v1"
+    gpu = f"   GPU metrics: {exporter.url}" if exporter is not None and exporter.proc else ""
     body = '{"model": "demo-chat", "messages": [{"role": "user", "content": "Hello"}], ' \
            '"max_tokens": 32}'
     stdout.print(f"""
@@ -94,7 +96,7 @@ def print_snippet(settings: Settings, key: str) -> None:
   emb = client.embeddings.create(model="minilm-embed", input="The cat sits on the mat.")
   print(len(emb.data[0].embedding))
 
-Health: {base[:-3]}/readyz   Metrics: {base[:-3]}/metrics   Stop: Ctrl-C
+Health: {base[:-3]}/readyz   Metrics: {base[:-3]}/metrics{gpu}   Stop: Ctrl-C
 """, soft_wrap=True)
 
 
@@ -112,8 +114,13 @@ def up(host: str | None, port: int | None) -> None:
     key = _demo_key(settings)
     console.print(f"starting {len(supervisor.engines)} engines (about a minute on a CPU); "
                   f"engine logs in {settings.run_dir / 'logs'}")
-    code = uvloop.run(serve.run(settings, app, supervisor,
-                                on_ready=lambda: print_snippet(settings, key)))
+    exporter = ExporterProcess(settings)
+    exporter.start()
+    try:
+        code = uvloop.run(serve.run(settings, app, supervisor,
+                                    on_ready=lambda: print_snippet(settings, key, exporter)))
+    finally:
+        exporter.stop()
     raise SystemExit(code)
 
 
