@@ -7,11 +7,14 @@ cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3.11}
 
-# Real servers the tests start on loopback: Redis (shared rate limits) and PostgreSQL (the
-# shared state store), from Debian's packages; nginx and wrk for the benchmark's tests.
+# Real servers the tests start on loopback, from Debian's packages: Redis (shared rate limits),
+# PostgreSQL (the shared state store), Prometheus + promtool and the node exporter (the
+# monitoring rules and the consistency test).
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 [[ -x /usr/lib/postgresql/15/bin/initdb ]] || missing+=(postgresql)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
 if (( ${#missing[@]} )); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing Debian packages: ${missing[*]} (run: sudo apt-get install ${missing[*]})" >&2
@@ -20,7 +23,8 @@ if (( ${#missing[@]} )); then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The packages start their own servers; the tests start theirs on free ports.
-    (service redis-server stop; service postgresql stop) >/dev/null 2>&1 || true
+    (service redis-server stop; service postgresql stop; service prometheus stop
+     service prometheus-node-exporter stop) >/dev/null 2>&1 || true
 fi
 if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv

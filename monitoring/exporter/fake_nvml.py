@@ -60,10 +60,16 @@ class FakeGpu:
 
 
 def gpus(n: int) -> list[FakeGpu]:
-    """``n`` healthy fake GPUs; the first one "runs" the calling process (1 GiB)."""
+    """``n`` healthy fake GPUs. The first one "runs" the calling process (1 GiB). Odd ones have
+    two NVLinks (one CRC flit error each) and, like an H100 (row remapping instead), do not
+    support page retirement."""
     return [FakeGpu(i, f"GPU-fake{i:04d}-0000-4000-8000-{i:012d}",
                     bus_id=f"00000000:{0x18 + i:02X}:00.0",
-                    processes=[(os.getpid(), 1 << 30)] if i == 0 else [])
+                    processes=[(os.getpid(), 1 << 30)] if i == 0 else [],
+                    nvlinks=2 if i % 2 else 0,
+                    nvlink_errors={pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT: 1} if i % 2 else {},
+                    unsupported={"nvmlDeviceGetRetiredPages",
+                                 "nvmlDeviceGetRetiredPagesPendingStatus"} if i % 2 else set())
             for i in range(n)]
 
 
