@@ -15,12 +15,12 @@ import threading
 from pathlib import Path
 
 import click
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.exposition import start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from monitoring.exporter import fake_nvml, nvml
 from monitoring.exporter.collector import GpuCollector
 from monitoring.exporter.deployments import Deployments
+from monitoring.exporter.exposition import Renderer, serve
 
 log = logging.getLogger("enclave.exporter")
 
@@ -33,6 +33,7 @@ def default_engines_file() -> Path:
 
 def build(fake_gpus: int | None, hostname: str, engines_file: Path | None,
           watch_xids: bool) -> tuple[GpuCollector, CollectorRegistry]:
+    """The collector, and a registry with the exporter's own process metrics."""
     module: nvml.NVML | None
     why: str | None
     if fake_gpus is not None:
@@ -45,7 +46,6 @@ def build(fake_gpus: int | None, hostname: str, engines_file: Path | None,
     collector = GpuCollector(module, hostname=hostname, deployments=Deployments(engines_file),
                              unavailable=why or "", watch_xids=watch_xids)
     registry = CollectorRegistry()
-    registry.register(collector)
     ProcessCollector(registry=registry)
     return collector, registry
 
@@ -77,14 +77,15 @@ def exporter(host: str, port: int, once: bool, engines_file: Path | None,
     collector, registry = build(fake_gpus, hostname or socket.gethostname(),
                                 engines_file or default_engines_file(), watch_xids=not once)
     if once:
-        sys.stdout.write(generate_latest(registry).decode())
+        sys.stdout.write(Renderer().render(collector.snapshot()))
         collector.close()
         return
     try:
-        server, _ = start_http_server(port, host, registry, certfile=tls_cert, keyfile=tls_key)
+        server = serve(collector, registry, host, port, tls_cert, tls_key)
     except OSError as exc:
         collector.close()
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log.info("GPU exporter on %s://%s:%d/metrics, %d GPUs", "https" if tls_cert else "http",
              host, port, len(collector.gpus))
     stop = threading.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from monitoring.exporter.bench import bench_exporter
 from monitoring.exporter.cli import exporter
 from serving import __version__
 from serving.cli.admin import db, oauth, policies, usage
@@ -32,6 +33,7 @@ cli.add_command(db)
 cli.add_command(models)
 cli.add_command(bench)
 cli.add_command(exporter)
+cli.add_command(bench_exporter)
 
 
 def main() -> None:

@@ -8,17 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitoring.exporter import fake_nvml
 from monitoring.exporter.collector import GpuCollector
 from monitoring.exporter.deployments import Deployments
+from monitoring.exporter.exposition import Renderer
 from monitoring.exporter.fake_nvml import MIB, FakeGpu, FakeNVML
 from monitoring.exporter.xid import CRITICAL_XIDS
 from tests.support import REPO, free_port, stop_process
@@ -272,3 +274,38 @@ def test_enclave_exporter_once_prints_one_scrape() -> None:
                          timeout=60, check=True).stdout
     names = {f.name for f in text_string_to_metric_families(out)}
     assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "enclave_gpu_up"} <= names
+
+
+def test_the_fast_text_exposition_says_what_prometheus_client_says() -> None:
+    devices = fake_nvml.gpus(3)
+    devices[2].name = 'Odd "name" \\ with\nnewline'
+    devices[0].processes.append((4242, 123))
+    collector = GpuCollector(FakeNVML(devices), hostname='host"1', watch_xids=False)
+    snapshot = collector.snapshot()
+    ours = text_string_to_metric_families(Renderer().render(snapshot))
+    registry = CollectorRegistry()
+    registry.register(collector)
+    theirs = text_string_to_metric_families(generate_latest(registry).decode())
+
+    def samples(families: Iterable[Metric]) -> set[tuple[str, tuple[tuple[str, str], ...],
+                                                         float]]:
+        return {(s.name, tuple(sorted(s.labels.items())), s.value) for f in families
+                for s in f.samples if s.name != "enclave_gpu_exporter_scrape_duration_seconds"}
+
+    mine, reference = samples(ours), samples(theirs)
+    assert len(mine) > 150
+    assert mine == reference
+    assert any(dict(labels).get("modelName") == devices[2].name for _, labels, _ in mine)
+
+
+def test_the_http_endpoint_compresses_for_prometheus_and_answers_404_elsewhere(
+        tmp_path: Path) -> None:
+    proc, url = _serve(tmp_path / "exporter.log", "--fake-gpus", "1")
+    try:
+        zipped = httpx.get(url, headers={"Accept-Encoding": "gzip"}, timeout=5)
+        assert zipped.headers["content-encoding"] == "gzip"
+        assert "DCGM_FI_DEV_GPU_TEMP{" in zipped.text  # httpx decompresses
+        assert zipped.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert httpx.get(url.replace("/metrics", "/nope"), timeout=5).status_code == 404
+    finally:
+        stop_process(proc, 5)
