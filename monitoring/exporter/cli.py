@@ -32,7 +32,7 @@ def default_engines_file() -> Path:
 
 
 def build(fake_gpus: int | None, hostname: str, engines_file: Path | None,
-          watch_xids: bool) -> tuple[GpuCollector, CollectorRegistry]:
+          background: bool) -> tuple[GpuCollector, CollectorRegistry]:
     """The collector, and a registry with the exporter's own process metrics."""
     module: nvml.NVML | None
     why: str | None
@@ -44,7 +44,7 @@ def build(fake_gpus: int | None, hostname: str, engines_file: Path | None,
     if module is None:
         log.warning("exporting zero GPUs: %s", why)
     collector = GpuCollector(module, hostname=hostname, deployments=Deployments(engines_file),
-                             unavailable=why or "", watch_xids=watch_xids)
+                             unavailable=why or "", background=background)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     return collector, registry
@@ -75,7 +75,7 @@ def exporter(host: str, port: int, once: bool, engines_file: Path | None,
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     collector, registry = build(fake_gpus, hostname or socket.gethostname(),
-                                engines_file or default_engines_file(), watch_xids=not once)
+                                engines_file or default_engines_file(), background=not once)
     if once:
         sys.stdout.write(Renderer().render(collector.snapshot()))
         collector.close()

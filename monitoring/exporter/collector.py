@@ -22,6 +22,7 @@ from monitoring.exporter.deployments import Deployments
 from monitoring.exporter.devices import BASE_LABELS, Gpu, discover
 from monitoring.exporter.families import Family
 from monitoring.exporter.nvml import NVML, Calls, GpuLost, text
+from monitoring.exporter.pcie import PcieSampler
 from monitoring.exporter.readings import GPU_METRICS, read_gpu
 from monitoring.exporter.xid import CRITICAL_XIDS, XidWatcher
 
@@ -53,7 +54,8 @@ OWN_METRICS: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
 class GpuCollector(Collector):
     def __init__(self, nvml: NVML | None, *, hostname: str,
                  deployments: Deployments | None = None, unavailable: str = "",
-                 watch_xids: bool = True) -> None:
+                 background: bool = True) -> None:
+        """``background``: run the XID and PCIe threads (off for one-shot reads and tests)."""
         self.nvml = nvml
         self.hostname = hostname
         self.unavailable = unavailable if nvml is None else ""
@@ -62,18 +64,24 @@ class GpuCollector(Collector):
         self.gpus: list[Gpu] = []
         self.driver: tuple[str, str] = ("", "")
         self.xids: XidWatcher | None = None
+        self.pcie: PcieSampler | None = None
         self._last_duration = 0.0
         self._lock = threading.Lock()  # concurrent scrapes each read; the duration is shared
         if nvml is not None and self.calls is not None:
             self.gpus = discover(nvml, self.calls, hostname)
             self.driver = _driver(self.calls)
-            if watch_xids:
+            self.pcie = PcieSampler(nvml, self.calls, self.gpus)
+            self.pcie.sample()
+            if background:
+                self.pcie.start()
                 self.xids = XidWatcher(nvml, self.calls, self.gpus)
                 self.xids.start()
 
     def close(self) -> None:
         if self.xids is not None:
             self.xids.stop()
+        if self.pcie is not None:
+            self.pcie.stop()
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # read at scrape time only; registering must not touch NVML
@@ -119,6 +127,12 @@ class GpuCollector(Collector):
             read_gpu(self.nvml, self.calls, gpu, owner, emit)
         except GpuLost:
             return None
+        if self.pcie is not None:
+            tx, rx = self.pcie.get(gpu.index)
+            if tx is not None:
+                emit("DCGM_FI_DEV_PCIE_TX_THROUGHPUT", (), tx)
+            if rx is not None:
+                emit("DCGM_FI_DEV_PCIE_RX_THROUGHPUT", (), rx)
         return samples
 
     def _add_xids(self, families: dict[str, Family]) -> None:

@@ -39,7 +39,7 @@ class Deployments:
         try:
             st = self.path.stat()
         except OSError:
-            self._stamp, self._by_session = None, {}
+            self._by_session, self._stamp = {}, None
             return
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp:
@@ -48,6 +48,7 @@ class Deployments:
             state = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return  # being replaced: keep the last good map, try again next scrape
-        self._stamp = stamp
+        # the map first: a concurrent scrape that sees the new stamp must see the new map
         self._by_session = {int(info["pid"]): name for name, info in state.items()
                             if isinstance(info, dict) and isinstance(info.get("pid"), int)}
+        self._stamp = stamp

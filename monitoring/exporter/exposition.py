@@ -10,6 +10,7 @@ parses both presentations of one snapshot and compares them.
 from __future__ import annotations
 
 import gzip
+import math
 import ssl
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -28,7 +29,13 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
+def _escape_help(doc: str) -> str:  # HELP escapes backslash and newline only
+    return doc.replace("\\", r"\\").replace("\n", r"\n")
+
+
 def _value(value: float) -> str:
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
     if value == int(value) and abs(value) < 1e15:
         return f"{int(value)}"
     return repr(float(value))
@@ -50,7 +57,7 @@ class Renderer:
         out: list[str] = []
         for f in families:
             name = f.sample_name
-            out.append(f"# HELP {name} {_escape(f.doc)}\n# TYPE {name} {f.type}\n")
+            out.append(f"# HELP {name} {_escape_help(f.doc)}\n# TYPE {name} {f.type}\n")
             for base, extra, value in f.samples:
                 labels = self._labels(f.base, base) if base else ""
                 if extra:

@@ -83,11 +83,12 @@ class FakeNVML:
         self.cuda = cuda
         self.calls = 0
         self._events: queue.Queue[tuple[FakeGpu, int]] = queue.Queue()
-        self._registered: set[int] = set()
+        self._registered: dict[int, set[int]] = {}  # event set -> GPU indexes
 
     # Constants and exception classes are pynvml's own; functions never come from there.
     def __getattr__(self, name: str) -> Any:
-        if name.startswith(("NVML_", "nvmlEventType", "nvmlMemory_v")) or name == "NVMLError":
+        if name.startswith(("NVML_", "nvmlEventType", "nvmlMemory_v")) or name in (
+                "NVMLError", "NVMLLibraryMismatchError"):
             return getattr(pynvml, name)
         raise AttributeError(name)
 
@@ -124,8 +125,10 @@ class FakeNVML:
     def nvmlDeviceGetName(self, h: FakeGpu) -> str:
         return self._check(h, "nvmlDeviceGetName").name
 
-    def nvmlDeviceGetPciInfo(self, h: FakeGpu) -> SimpleNamespace:
-        return SimpleNamespace(busId=self._check(h, "nvmlDeviceGetPciInfo").bus_id)
+    def nvmlDeviceGetPciInfo(self, h: FakeGpu) -> Any:
+        info = pynvml.nvmlPciInfo_t()  # the real structure: busId reads back as bytes
+        info.busId = self._check(h, "nvmlDeviceGetPciInfo").bus_id.encode()
+        return info
 
     def nvmlDeviceGetMinorNumber(self, h: FakeGpu) -> int:
         return self._check(h, "nvmlDeviceGetMinorNumber").index
@@ -163,18 +166,18 @@ class FakeNVML:
         g = self._check(h, "nvmlDeviceGetTemperatureThreshold")
         return g.slowdown if which == pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN else g.shutdown
 
-    def nvmlDeviceGetFieldValues(self, h: FakeGpu, ids: list[int]) -> list[SimpleNamespace]:
+    def nvmlDeviceGetFieldValues(self, h: FakeGpu, ids: list[int]) -> Any:
         g = self._check(h, "nvmlDeviceGetFieldValues")
-        out = []
-        for fid in ids:
+        values = (pynvml.c_nvmlFieldValue_t * len(ids))()  # the real ctypes structures
+        for value, fid in zip(values, ids, strict=True):
+            value.fieldId = fid
             if fid == pynvml.NVML_FI_DEV_MEMORY_TEMP and g.mem_temp is not None:
-                out.append(SimpleNamespace(nvmlReturn=pynvml.NVML_SUCCESS,
-                                           valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT,
-                                           value=SimpleNamespace(uiVal=g.mem_temp)))
+                value.nvmlReturn = pynvml.NVML_SUCCESS
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                value.value.uiVal = g.mem_temp
             else:
-                out.append(SimpleNamespace(nvmlReturn=pynvml.NVML_ERROR_NOT_SUPPORTED,
-                                           valueType=0, value=SimpleNamespace()))
-        return out
+                value.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return values
 
     def nvmlDeviceGetPowerUsage(self, h: FakeGpu) -> int:
         return self._check(h, "nvmlDeviceGetPowerUsage").power_mw
@@ -191,6 +194,9 @@ class FakeNVML:
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, h: FakeGpu) -> int:
         return self._check(h, "nvmlDeviceGetCurrentClocksEventReasons").clock_events
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h: FakeGpu) -> int:
+        return self._check(h, "nvmlDeviceGetCurrentClocksThrottleReasons").clock_events
 
     def nvmlDeviceGetPcieReplayCounter(self, h: FakeGpu) -> int:
         return self._check(h, "nvmlDeviceGetPcieReplayCounter").pcie_replays
@@ -223,17 +229,25 @@ class FakeNVML:
 
     # events
     def nvmlEventSetCreate(self) -> object:
-        return object()
+        event_set = object()
+        self._registered[id(event_set)] = set()
+        return event_set
 
-    def nvmlEventSetFree(self, event_set: object) -> None: ...
+    def nvmlEventSetFree(self, event_set: object) -> None:
+        self._registered.pop(id(event_set), None)
 
     def nvmlDeviceRegisterEvents(self, h: FakeGpu, types: int, event_set: object) -> None:
-        self._registered.add(self._check(h, "nvmlDeviceRegisterEvents").index)
+        self._registered[id(event_set)].add(self._check(h, "nvmlDeviceRegisterEvents").index)
 
     def nvmlEventSetWait_v2(self, event_set: object, timeout_ms: int) -> SimpleNamespace:
+        # as the driver does: a lost GPU in the set fails the wait
+        if any(self.devices[i].lost for i in self._registered[id(event_set)]):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
         try:
             gpu, xid = self._events.get(timeout=timeout_ms / 1000)
         except queue.Empty:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT) from None
+        if gpu.index not in self._registered[id(event_set)]:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT)
         return SimpleNamespace(device=gpu, eventType=pynvml.nvmlEventTypeXidCriticalError,
                                eventData=xid)

@@ -81,12 +81,26 @@ class Calls:
         try:
             return True, getattr(self.nvml, call)(*args)
         except self.nvml.NVMLError as exc:
-            self.count(call, exc)
             if exc.value == self._lost:
+                self.count(call, exc)
                 raise GpuLost(call) from None
-            if exc.value in self._skip:
+            self._failed(key, call, error_name(self.nvml, exc), exc.value in self._skip)
+        except AttributeError:  # an older nvidia-ml-py without this call
+            self._failed(key, call, "function_not_found", True)
+        except Exception as exc:  # never fatal to a scrape
+            # NVMLLibraryMismatchError: the driver lacks the struct version this nvidia-ml-py
+            # asks for (e.g. nvmlDeviceGetComputeRunningProcesses_v3 on R470); it will not change
+            mismatch = getattr(self.nvml, "NVMLLibraryMismatchError", ())
+            self._failed(key, call, type(exc).__name__, isinstance(exc, mismatch))
+        return False, None
+
+    def _failed(self, key: Hashable, call: str, error: str, permanent: bool) -> None:
+        with self._lock:
+            if key in self._unsupported:  # a concurrent scrape got there first
+                return
+            if permanent:
                 self._unsupported.add(key)
-            return False, None
+            self.errors[(call, error)] += 1
 
     def count(self, call: str, exc: BaseException) -> None:
         with self._lock:

@@ -40,8 +40,10 @@ GPU_METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "enclave_gpu_clock_event_active": (
         "1 while this clock event (throttle) reason holds the clocks down.", ("reason",)),
     "DCGM_FI_DEV_PCIE_REPLAY_COUNTER": ("PCIe replays; cumulative.", ()),
-    "DCGM_FI_DEV_PCIE_TX_THROUGHPUT": ("PCIe transmit throughput (KB/s).", ()),
-    "DCGM_FI_DEV_PCIE_RX_THROUGHPUT": ("PCIe receive throughput (KB/s).", ()),
+    "DCGM_FI_DEV_PCIE_TX_THROUGHPUT": (
+        "PCIe transmit throughput (KB/s), sampled every few seconds.", ()),
+    "DCGM_FI_DEV_PCIE_RX_THROUGHPUT": (
+        "PCIe receive throughput (KB/s), sampled every few seconds.", ()),
     "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL": ("Single-bit ECC errors since the driver loaded.", ()),
     "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL": ("Double-bit ECC errors since the driver loaded.", ()),
     "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL": ("Single-bit ECC errors over the GPU's life.", ()),
@@ -95,7 +97,8 @@ def read_gpu(nvml: NVML, calls: Calls, gpu: Gpu, owner: Callable[[int], str],
         if value is not None:
             emit(name, (), value[0])  # [utilisation, sampling period µs]
 
-    mem = read("mem2", "nvmlDeviceGetMemoryInfo", nvml.nvmlMemory_v2)
+    v2 = getattr(nvml, "nvmlMemory_v2", None)
+    mem = read("mem2", "nvmlDeviceGetMemoryInfo", v2) if v2 is not None else None
     if mem is None:  # drivers before the v2 struct
         mem = read("mem1", "nvmlDeviceGetMemoryInfo")
     if mem is not None:
@@ -126,6 +129,8 @@ def read_gpu(nvml: NVML, calls: Calls, gpu: Gpu, owner: Callable[[int], str],
             nvml.NVML_CLOCK_MEM)
 
     reasons = read("clock_events", "nvmlDeviceGetCurrentClocksEventReasons")
+    if reasons is None:  # the older name (drivers before R535), same bits
+        reasons = read("throttle", "nvmlDeviceGetCurrentClocksThrottleReasons")
     if reasons is not None:
         emit("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", (), reasons)
         for reason, bit in CLOCK_EVENT_REASONS:
@@ -133,10 +138,7 @@ def read_gpu(nvml: NVML, calls: Calls, gpu: Gpu, owner: Callable[[int], str],
 
     _scalar(read, emit, "replay", "nvmlDeviceGetPcieReplayCounter",
             "DCGM_FI_DEV_PCIE_REPLAY_COUNTER")
-    _scalar(read, emit, "pcie_tx", "nvmlDeviceGetPcieThroughput",
-            "DCGM_FI_DEV_PCIE_TX_THROUGHPUT", nvml.NVML_PCIE_UTIL_TX_BYTES)
-    _scalar(read, emit, "pcie_rx", "nvmlDeviceGetPcieThroughput",
-            "DCGM_FI_DEV_PCIE_RX_THROUGHPUT", nvml.NVML_PCIE_UTIL_RX_BYTES)
+    # PCIe throughput: sampled in the background (pcie.py), never during a scrape
 
     _ecc(nvml, read, emit)
     _retired_pages(nvml, read, emit)
@@ -165,14 +167,18 @@ def _scalar(read: Callable[..., Any], emit: Emit, what: str, call: str, name: st
 
 
 def _memory_temperature(nvml: NVML, read: Callable[..., Any], emit: Emit) -> None:
-    values = read("mem_temp", "nvmlDeviceGetFieldValues", [nvml.NVML_FI_DEV_MEMORY_TEMP])
+    field_id = getattr(nvml, "NVML_FI_DEV_MEMORY_TEMP", None)
+    if field_id is None:
+        return
+    values = read("mem_temp", "nvmlDeviceGetFieldValues", [field_id])
     if not values or values[0].nvmlReturn != nvml.NVML_SUCCESS:
         return  # HBM temperature is not reported by every board
     field = values[0]
     member = {nvml.NVML_VALUE_TYPE_DOUBLE: "dVal", nvml.NVML_VALUE_TYPE_UNSIGNED_INT: "uiVal",
               nvml.NVML_VALUE_TYPE_UNSIGNED_LONG: "ulVal",
               nvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal",
-              nvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal"}.get(field.valueType, "uiVal")
+              nvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG: "sllVal",
+              nvml.NVML_VALUE_TYPE_SIGNED_INT: "siVal"}.get(field.valueType, "uiVal")
     emit("DCGM_FI_DEV_MEMORY_TEMP", (), getattr(field.value, member))
 
 

@@ -54,42 +54,54 @@ class XidWatcher:
         log.warning("XID %d on GPU %s", xid, uuid)
 
     def _run(self) -> None:
-        nvml = self.nvml
-        event_set = self.calls.read("eventset", "nvmlEventSetCreate")
-        if event_set is None:
-            return
-        try:
-            for gpu in self.gpus:
-                try:
-                    ok, _ = self.calls.call((gpu.index, "events"), "nvmlDeviceRegisterEvents",
-                                            gpu.handle, nvml.nvmlEventTypeXidCriticalError,
-                                            event_set)
-                except GpuLost:
-                    continue
-                if ok:
-                    self.watching.add(gpu.uuid)
-            if not self.watching:
-                log.info("no GPU reports XID events through NVML")
+        """Wait on an event set; when waiting fails (a registered GPU was lost, say), build a
+        new set from the GPUs that still register, so the others keep reporting XIDs."""
+        while not self._stop.is_set():
+            event_set = self._register()
+            if event_set is None:
                 return
-            while not self._stop.is_set():
-                self._wait_once(event_set)
-        finally:
-            self.calls.read("eventset_free", "nvmlEventSetFree", event_set)
+            try:
+                while not self._stop.is_set() and self._wait_once(event_set):
+                    pass
+            finally:
+                self.calls.read("eventset_free", "nvmlEventSetFree", event_set)
+            self._stop.wait(1.0)
 
-    def _wait_once(self, event_set: object) -> None:
+    def _register(self) -> object | None:
+        event_set: object | None = self.calls.read("eventset", "nvmlEventSetCreate")
+        if event_set is None:
+            return None
+        self.watching = set()
+        for gpu in self.gpus:
+            try:
+                ok, _ = self.calls.call((gpu.index, "events"), "nvmlDeviceRegisterEvents",
+                                        gpu.handle, self.nvml.nvmlEventTypeXidCriticalError,
+                                        event_set)
+            except GpuLost:
+                continue
+            if ok:
+                self.watching.add(gpu.uuid)
+        if not self.watching:
+            log.info("no GPU reports XID events through NVML")
+            self.calls.read("eventset_free", "nvmlEventSetFree", event_set)
+            return None
+        return event_set
+
+    def _wait_once(self, event_set: object) -> bool:
+        """One wait; False when the set must be rebuilt."""
         nvml = self.nvml
         try:
             data = nvml.nvmlEventSetWait_v2(event_set, WAIT_MS)
         except nvml.NVMLError as exc:
-            if exc.value != nvml.NVML_ERROR_TIMEOUT:
-                self.calls.count("nvmlEventSetWait_v2", exc)
-                self._stop.wait(1.0)
-            return
-        if not data.eventType & nvml.nvmlEventTypeXidCriticalError:
-            return
-        try:
-            uuid = text(nvml.nvmlDeviceGetUUID(data.device))
-        except nvml.NVMLError as exc:
-            self.calls.count("nvmlDeviceGetUUID", exc)
-            return
-        self.record(uuid, int(data.eventData))
+            if exc.value == nvml.NVML_ERROR_TIMEOUT:
+                return True
+            self.calls.count("nvmlEventSetWait_v2", exc)
+            return False
+        if data.eventType & nvml.nvmlEventTypeXidCriticalError:
+            try:
+                uuid = text(nvml.nvmlDeviceGetUUID(data.device))
+            except nvml.NVMLError as exc:
+                self.calls.count("nvmlDeviceGetUUID", exc)
+                return True
+            self.record(uuid, int(data.eventData))
+        return True

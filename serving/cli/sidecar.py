@@ -11,8 +11,12 @@ import subprocess
 import sys
 import time
 
+import httpx
+
 from serving.cli.common import console
 from serving.settings import Settings
+
+START_TIMEOUT_S = 20.0  # NVML's initialisation can take seconds without persistence mode
 
 
 class ExporterProcess:
@@ -35,13 +39,23 @@ class ExporterProcess:
                  "--port", str(self.settings.exporter_port),
                  "--engines-file", str(self.settings.run_dir / "engines.json")],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        time.sleep(0.5)  # a taken port fails at once
-        if self.proc.poll() is not None:
-            console.print(f"[yellow]GPU exporter not started[/] (see {self.log_path}); "
-                          "the platform runs without it")
-            self.proc = None
-            return False
-        return True
+        # Wait until it answers as itself: a port held by another exporter (DCGM's uses 9400
+        # too) answers, but without our metrics; ours exits then.
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if b"enclave_gpu_devices" in httpx.get(self.url, timeout=2).content:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        if self.proc.poll() is None:
+            console.print(f"[yellow]GPU exporter slow to start[/] (see {self.log_path})")
+            return True
+        console.print(f"[yellow]GPU exporter not started[/] (see {self.log_path}); "
+                      "the platform runs without it")
+        self.proc = None
+        return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
+import pynvml
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -22,6 +23,7 @@ from monitoring.exporter.collector import GpuCollector
 from monitoring.exporter.deployments import Deployments
 from monitoring.exporter.exposition import Renderer
 from monitoring.exporter.fake_nvml import MIB, FakeGpu, FakeNVML
+from monitoring.exporter.families import Family
 from monitoring.exporter.xid import CRITICAL_XIDS
 from tests.support import REPO, free_port, stop_process
 
@@ -30,10 +32,10 @@ HOST = "gpu-host-1"
 
 class Exporter:
     def __init__(self, nvml: FakeNVML | None, engines_file: Path | None = None,
-                 watch_xids: bool = True, why: str = "") -> None:
+                 background: bool = True, why: str = "") -> None:
         self.nvml = nvml
         self.collector = GpuCollector(nvml, hostname=HOST, deployments=Deployments(engines_file),
-                                      unavailable=why, watch_xids=watch_xids)
+                                      unavailable=why, background=background)
         self.registry = CollectorRegistry()
         self.registry.register(self.collector)
 
@@ -147,7 +149,7 @@ def test_a_lost_gpu_is_reported_and_the_other_keeps_exporting(two: Exporter) -> 
 def test_a_gpu_lost_before_start_is_exported_as_down() -> None:
     devices = fake_nvml.gpus(2)
     devices[0].lost = True
-    exporter = Exporter(FakeNVML(devices), watch_xids=False)
+    exporter = Exporter(FakeNVML(devices), background=False)
     assert exporter.value("enclave_gpu_up", gpu="0", UUID="", pci_bus_id="", device="",
                           modelName="", Hostname=HOST) == 0
     assert exporter.gpu("enclave_gpu_up", 1) == 1
@@ -158,7 +160,7 @@ def test_an_unsupported_call_is_counted_once_and_not_fatal() -> None:
     devices = fake_nvml.gpus(2)
     devices[0].unsupported = {"nvmlDeviceGetPowerUsage", "nvmlDeviceGetRemappedRows"}
     nvml = FakeNVML(devices)
-    exporter = Exporter(nvml, watch_xids=False)
+    exporter = Exporter(nvml, background=False)
     for _ in range(3):
         assert exporter.gpu("DCGM_FI_DEV_POWER_USAGE", 0) is None
         assert exporter.gpu("DCGM_FI_DEV_POWER_USAGE", 1) == 312.5
@@ -170,6 +172,52 @@ def test_an_unsupported_call_is_counted_once_and_not_fatal() -> None:
                           error="not_supported") == 1
     assert exporter.gpu("DCGM_FI_DEV_ROW_REMAP_FAILURE", 0) is None
     assert exporter.gpu("DCGM_FI_DEV_ROW_REMAP_FAILURE", 1) == 0
+
+
+def test_calls_that_fail_otherwise_are_counted_and_not_fatal() -> None:
+    """An older nvidia-ml-py (no such function), a driver older than the struct version asked
+    for (pynvml's NVMLLibraryMismatchError), a driver before R535 (only the older name of the
+    clock-events call)."""
+    devices = fake_nvml.gpus(2)
+    devices[0].processes.append((4242, 123))
+    devices[0].clock_events = 0x40
+    nvml = FakeNVML(devices)
+
+    def mismatch(handle: object) -> None:
+        raise pynvml.NVMLLibraryMismatchError("no nvmlDeviceGetComputeRunningProcesses_v3")
+
+    def missing(handle: object) -> None:
+        raise AttributeError("nvmlDeviceGetCurrentClocksEventReasons")
+
+    nvml.nvmlDeviceGetComputeRunningProcesses = mismatch  # type: ignore[method-assign]
+    nvml.nvmlDeviceGetCurrentClocksEventReasons = missing  # type: ignore[method-assign]
+    exporter = Exporter(nvml, background=False)
+    for _ in range(2):
+        assert exporter.gpu("enclave_gpu_up", 0) == 1
+        assert exporter.gpu("DCGM_FI_DEV_GPU_TEMP", 1) == 54
+        assert exporter.gpu("enclave_gpu_clock_event_active", 0,
+                            reason="hw_thermal_slowdown") == 1  # from the older call
+        assert "enclave_gpu_process_memory_bytes" not in exporter.names()
+    assert exporter.value("enclave_gpu_nvml_errors_total",
+                          call="nvmlDeviceGetComputeRunningProcesses",
+                          error="NVMLLibraryMismatchError") == 2  # once per GPU, then skipped
+    assert exporter.value("enclave_gpu_nvml_errors_total",
+                          call="nvmlDeviceGetCurrentClocksEventReasons",
+                          error="function_not_found") == 2
+
+
+def test_xids_keep_coming_from_the_other_gpus_after_one_is_lost(two: Exporter) -> None:
+    nvml = two.nvml
+    assert nvml is not None
+    nvml.devices[1].lost = True  # the driver then fails waits on the event set
+    time.sleep(0.2)
+    nvml.inject_xid(0, 48)
+    deadline = time.monotonic() + 10
+    while two.gpu("enclave_gpu_xid_errors_total", 0, xid="48") != 1:
+        assert time.monotonic() < deadline, "XID from the healthy GPU not seen"
+        time.sleep(0.1)
+    assert two.value("enclave_gpu_nvml_errors_total", call="nvmlEventSetWait_v2",
+                     error="gpu_is_lost")
 
 
 def test_without_nvml_zero_gpus_and_the_reason() -> None:
@@ -202,7 +250,7 @@ def test_gpu_processes_are_labelled_with_the_deployment_that_owns_them(
     engines, leader, child = engine_session
     devices = fake_nvml.gpus(1)
     devices[0].processes = [(child, 40 << 30), (leader, 300 * MIB), (1, 5 * MIB), (0, None)]
-    exporter = Exporter(FakeNVML(devices), engines_file=engines, watch_xids=False)
+    exporter = Exporter(FakeNVML(devices), engines_file=engines, background=False)
     # vLLM's EngineCore (the engine's child) is the process holding the GPU memory
     assert exporter.gpu("enclave_gpu_process_memory_bytes", 0, pid=str(child),
                         deployment="demo-chat-v1") == 40 << 30
@@ -222,11 +270,27 @@ def _scrape(url: str) -> dict[str, float]:
             for f in text_string_to_metric_families(text) for s in f.samples}
 
 
-def _serve(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+NO_NVML = """
+class NVMLError(Exception):
+    def __init__(self, value):
+        self.value = value
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+def nvmlInit():
+    raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
+"""
+
+
+def _serve(log: Path, *args: str, no_nvml: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    env = dict(os.environ)
+    if no_nvml:  # as on a host without the NVIDIA driver, also when the test host has one
+        stub = log.parent / "no-nvml"
+        stub.mkdir(exist_ok=True)
+        (stub / "pynvml.py").write_text(NO_NVML)
+        env["PYTHONPATH"] = f"{stub}{os.pathsep}{REPO}"
     with log.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "serving.cli.main", "exporter",
-                                 "--port", str(port), *args], cwd=REPO,
+                                 "--port", str(port), *args], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}/metrics"
     deadline = time.monotonic() + 20
@@ -242,12 +306,13 @@ def _serve(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
 
 def test_enclave_exporter_without_a_gpu_serves_zero_gpus_and_says_why(tmp_path: Path) -> None:
     log = tmp_path / "exporter.log"
-    proc, url = _serve(log)
+    proc, url = _serve(log, no_nvml=True)
     try:
         text = httpx.get(url, timeout=5).text
         assert "DCGM_FI_DEV" not in text
         assert 'enclave_gpu_devices{Hostname=' in text
-        assert "enclave_gpu_nvml_available{reason=\"NVML is not available" in text
+        assert ('enclave_gpu_nvml_available{reason="NVML is not available (library_not_found)'
+                in text)
     finally:
         stop_process(proc, 5)
     assert proc.returncode == 0
@@ -280,7 +345,7 @@ def test_the_fast_text_exposition_says_what_prometheus_client_says() -> None:
     devices = fake_nvml.gpus(3)
     devices[2].name = 'Odd "name" \\ with\nnewline'
     devices[0].processes.append((4242, 123))
-    collector = GpuCollector(FakeNVML(devices), hostname='host"1', watch_xids=False)
+    collector = GpuCollector(FakeNVML(devices), hostname='host"1', background=False)
     snapshot = collector.snapshot()
     ours = text_string_to_metric_families(Renderer().render(snapshot))
     registry = CollectorRegistry()
@@ -292,10 +357,24 @@ def test_the_fast_text_exposition_says_what_prometheus_client_says() -> None:
         return {(s.name, tuple(sorted(s.labels.items())), s.value) for f in families
                 for s in f.samples if s.name != "enclave_gpu_exporter_scrape_duration_seconds"}
 
+    ours, theirs = list(ours), list(theirs)
     mine, reference = samples(ours), samples(theirs)
     assert len(mine) > 150
     assert mine == reference
+    assert {(f.name, f.documentation, f.type) for f in ours} == {
+        (f.name, f.documentation, f.type) for f in theirs}
     assert any(dict(labels).get("modelName") == devices[2].name for _, labels, _ in mine)
+
+
+def test_non_finite_values_are_written_as_prometheus_reads_them() -> None:
+    family = Family("x", "a \\ \"quoted\" doc", "gauge", ("gpu",))
+    for i, value in enumerate((float("nan"), float("inf"), float("-inf"), 2.5, 1e20)):
+        family.add((str(i),), (), value)
+    parsed = next(iter(text_string_to_metric_families(Renderer().render([family]))))
+    values = [s.value for s in parsed.samples]
+    assert values[0] != values[0]  # NaN
+    assert values[1:] == [float("inf"), float("-inf"), 2.5, 1e20]
+    assert parsed.documentation == 'a \\ "quoted" doc'
 
 
 def test_the_http_endpoint_compresses_for_prometheus_and_answers_404_elsewhere(

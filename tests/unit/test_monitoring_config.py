@@ -61,6 +61,7 @@ def test_every_alert_has_a_severity_summary_and_runbook() -> None:
 def test_the_issue_alerts_exist() -> None:
     exprs = {a["alert"]: a["expr"] for a in alerts()}
     assert "DCGM_FI_DEV_SLOWDOWN_TEMP" in exprs["GpuTemperatureNearSlowdown"]
+    assert "enclave_gpu_nvml_available" in exprs["GpuNvmlUnavailable"]
     assert all(x in exprs["GpuCriticalXid"]
                for x in ("48", "63", "64", "74", "79", "92", "94", "95", "119", "120"))
     for name in ("GpuDoubleBitEccErrors", "GpuRowRemapFailure", "GpuMissingFromHost",
