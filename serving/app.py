@@ -37,9 +37,10 @@ from serving.storage.signing import SigningKeyRepository
 log = logging.getLogger("enclave.gateway")
 
 
-def create_app(settings: Settings, *, engine_host: str = "127.0.0.1",
+def create_app(settings: Settings, *, engine_host: str | None = None,
                transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """Build the gateway. Fails fast on unsafe settings, bad manifests or a bad policy file."""
+    engine_host = engine_host or settings.engine_host
     pepper = settings.load_pepper()
     manifests = load_manifests(settings.models_dir)
     if not is_allowed_engine_host(engine_host, settings.allow_remote_engines):

@@ -35,6 +35,9 @@ class GatewayMetrics:
         self.engine_up = Gauge(
             "enclave_engine_up", "1 when the engine answers /health.", ["model", "deployment"],
             registry=r)
+        self.engine_draining = Gauge(
+            "enclave_engine_draining", "1 while an operator drains the engine (no new requests).",
+            ["model", "deployment"], registry=r)
         self.rejections = Counter(
             "enclave_rejections", "Requests refused by a client's policy, by reason: scope, "
             "model, no_policy, rate_requests, rate_tokens, concurrency, budget_day, "

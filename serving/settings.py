@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(5, ge=1)
     engine_health_interval_s: float = Field(1.0, gt=0)
     key_cache_ttl_s: float = Field(2.0, ge=0)
+    engine_host: str = Field(
+        "127.0.0.1", description="Where the engines listen (their ports are in the manifests): "
+        "loopback when they run beside the gateway, the engine host's private address otherwise")
     allow_remote_engines: bool = Field(
         False, description="Allow engine URLs outside loopback and private ranges."
     )

@@ -1,4 +1,4 @@
-"""The admin API (``/admin/v1``): clients, keys, policies, usage, signing keys.
+"""The admin API (``/admin/v1``): clients, keys, policies, usage, signing keys, engines.
 
 Every route needs a key or token with the ``admin`` scope, which only an operators' client can
 hold (a policy with ``admin`` has no other scope). Keys are shown once, in the response that
@@ -14,7 +14,7 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.deps import Admin
+from serving.deps import Admin, Pool
 from serving.durations import expiry_after, parse_duration
 from serving.errors import InvalidRequest, NotFound
 from serving.responses import JSONResponse
@@ -222,6 +222,31 @@ async def usage(request: Request, _: Admin,
             raise InvalidRequest(f"'{param}' must be a day, YYYY-MM-DD.", param=param)
     ledger: BudgetLedger = request.app.state.ledger
     return JSONResponse({"data": await ledger.repo.usage(client, since, until)})
+
+
+@router.get("/engines")
+async def list_engines(pool: Pool, _: Admin) -> JSONResponse:
+    return JSONResponse({"data": [e.status() for e in pool.engines]})
+
+
+async def _drain(pool: Pool, deployment: str, draining: bool) -> JSONResponse:
+    engine = pool.engine(deployment)
+    if engine is None:
+        raise NotFound(f"no engine deployment {deployment!r}; see GET /admin/v1/engines",
+                       param="deployment")
+    pool.set_draining(engine, draining)
+    return JSONResponse(engine.status())
+
+
+@router.post("/engines/{deployment}/drain")
+async def drain_engine(deployment: str, pool: Pool, _: Admin) -> JSONResponse:
+    """No new requests for this engine; those in flight finish (watch ``in_flight``)."""
+    return await _drain(pool, deployment, True)
+
+
+@router.post("/engines/{deployment}/undrain")
+async def undrain_engine(deployment: str, pool: Pool, _: Admin) -> JSONResponse:
+    return await _drain(pool, deployment, False)
 
 
 @router.post("/signing-keys/rotate", status_code=201)

@@ -21,6 +21,7 @@ async def healthz() -> JSONResponse:
 @router.get("/readyz")
 async def readyz(pool: Pool) -> JSONResponse:
     engines = {e.name: {"model": e.deployment.model, "healthy": e.healthy,
+                        **({"draining": True} if e.draining else {}),
                         **({"error": e.last_error} if e.last_error else {})}
                for e in pool.engines}
     models = {name: any(e.healthy for e in route.engines) for name, route in pool.routes.items()}
@@ -34,4 +35,6 @@ async def metrics(request: Request, pool: Pool) -> Response:
     m = request.app.state.metrics
     for engine in pool.engines:
         m.engine_up.labels(engine.deployment.model, engine.name).set(1 if engine.healthy else 0)
+        m.engine_draining.labels(engine.deployment.model, engine.name).set(
+            1 if engine.draining else 0)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

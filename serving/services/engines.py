@@ -4,6 +4,10 @@ Built from the manifests: one engine per deployment (model version). A backgroun
 each engine's ``/health``; a request that fails to connect marks its engine down at once, so
 traffic never keeps flowing to a dead engine, and a healthy poll brings it back. Choosing an
 engine for a model is a weighted pick among its healthy versions (the manifest's traffic split).
+
+An operator can drain an engine (before patching its host): it gets no new requests while the
+ones in flight finish; undraining puts it back. Draining is per gateway process, in memory: the
+patch script drains the engine on every gateway it is given.
 """
 
 from __future__ import annotations
@@ -30,10 +34,17 @@ class EngineState:
     last_error: str | None = None
     strikes: int = 0
     in_flight: int = 0
+    draining: bool = False
 
     @property
     def name(self) -> str:
         return self.deployment.name
+
+    def status(self) -> dict[str, object]:
+        return {"deployment": self.name, "model": self.deployment.model,
+                "version": self.deployment.version.name, "url": self.base_url,
+                "healthy": self.healthy, "draining": self.draining,
+                "in_flight": self.in_flight, "last_error": self.last_error}
 
 
 @dataclass(slots=True)
@@ -44,8 +55,8 @@ class ModelRoute:
     engines: list[EngineState] = field(default_factory=list)
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> EngineState | None:
-        candidates = [e for e in self.engines
-                      if e.healthy and e.deployment.weight > 0 and e.name not in exclude]
+        candidates = [e for e in self.engines if e.healthy and not e.draining
+                      and e.deployment.weight > 0 and e.name not in exclude]
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -72,6 +83,15 @@ class EnginePool:
 
     def route(self, model: str) -> ModelRoute | None:
         return self.routes.get(model)
+
+    def engine(self, deployment: str) -> EngineState | None:
+        return next((e for e in self.engines if e.name == deployment), None)
+
+    def set_draining(self, engine: EngineState, draining: bool) -> None:
+        if engine.draining != draining:
+            log.info("engine drained" if draining else "engine undrained",
+                     extra={"engine": engine.name, "in_flight": engine.in_flight})
+        engine.draining = draining
 
     def mark_down(self, engine: EngineState, reason: str) -> None:
         if engine.healthy:
