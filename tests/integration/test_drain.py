@@ -1,0 +1,119 @@
+"""Draining an engine for patching: the admin API and hardening/patch-gpu-node.sh --dry-run
+against the running gateway and real engines."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import new_key
+from tests.support import REPO, GatewayServer, assert_openai_error, bearer
+
+pytestmark = pytest.mark.engine
+DEPLOYMENT = "demo-chat-v1"
+CHAT = {"model": "demo-chat", "max_tokens": 8,
+        "messages": [{"role": "user", "content": "drain"}]}
+
+
+@pytest.fixture(scope="module")
+def admin_key(gateway: GatewayServer) -> str:
+    return new_key(gateway.settings, "operators", "admin")
+
+
+@pytest.fixture
+def undrained(gateway: GatewayServer, admin_key: str) -> Iterator[None]:
+    yield
+    httpx.post(f"{gateway.url}/admin/v1/engines/{DEPLOYMENT}/undrain",
+               headers=bearer(admin_key), timeout=10)
+
+
+def engines(gateway: GatewayServer, admin_key: str) -> dict[str, dict[str, object]]:
+    resp = httpx.get(f"{gateway.url}/admin/v1/engines", headers=bearer(admin_key), timeout=10)
+    assert resp.status_code == 200
+    return {e["deployment"]: e for e in resp.json()["data"]}
+
+
+def test_a_drained_engine_gets_no_new_requests_until_undrained(
+        gateway: GatewayServer, admin_key: str, api_key: str, undrained: None) -> None:
+    drained = httpx.post(f"{gateway.url}/admin/v1/engines/{DEPLOYMENT}/drain",
+                         headers=bearer(admin_key), timeout=10)
+    assert drained.status_code == 200 and drained.json()["draining"] is True
+    refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT,
+                         headers=bearer(api_key), timeout=60)
+    assert_openai_error(refused, 503)
+    assert refused.headers["retry-after"]
+    assert engines(gateway, admin_key)[DEPLOYMENT]["draining"] is True
+    assert "enclave_engine_draining{" in httpx.get(gateway.url + "/metrics").text
+    back = httpx.post(f"{gateway.url}/admin/v1/engines/{DEPLOYMENT}/undrain",
+                      headers=bearer(admin_key), timeout=10)
+    assert back.status_code == 200 and back.json()["draining"] is False
+    assert httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT,
+                      headers=bearer(api_key), timeout=60).status_code == 200
+
+
+def test_drain_needs_the_admin_scope_and_a_known_deployment(
+        gateway: GatewayServer, admin_key: str, api_key: str) -> None:
+    url = f"{gateway.url}/admin/v1/engines/{DEPLOYMENT}/drain"
+    assert_openai_error(httpx.post(url, headers=bearer(api_key), timeout=10), 403)
+    assert_openai_error(httpx.post(url, timeout=10), 401)
+    missing = httpx.post(f"{gateway.url}/admin/v1/engines/nope-v9/drain",
+                         headers=bearer(admin_key), timeout=10)
+    assert_openai_error(missing, 404)
+    assert engines(gateway, admin_key)[DEPLOYMENT]["draining"] is False
+
+
+def test_patch_dry_run_drains_waits_for_in_flight_and_undrains(
+        gateway: GatewayServer, admin_key: str, api_key: str, undrained: None) -> None:
+    stream_result: dict[str, object] = {}
+
+    def long_stream() -> None:
+        body = {**CHAT, "max_tokens": 300, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
+                          headers=bearer(api_key), timeout=120) as resp:
+            text = "".join(resp.iter_text())
+        stream_result.update(status=resp.status_code, done="data: [DONE]" in text,
+                             finished=True)
+
+    streamer = threading.Thread(target=long_stream)
+    streamer.start()
+    deadline = time.monotonic() + 30
+    while engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0:
+        assert time.monotonic() < deadline, "the stream never reached the engine"
+        time.sleep(0.05)
+
+    env = {**os.environ, "ENCLAVE_ADMIN_KEY": admin_key, "ENCLAVE_VERIFY_KEY": api_key,
+           "ENCLAVE_DRIVER_PIN": "/nonexistent"}
+    script = subprocess.Popen(
+        ["bash", str(REPO / "hardening" / "patch-gpu-node.sh"), "--dry-run",
+         "--gateway", gateway.url, "--deployment", DEPLOYMENT, "--timeout", "120"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # while it waits, new requests are not sent to the drained engine
+    time.sleep(1)
+    if stream_result.get("finished") is None:
+        assert engines(gateway, admin_key)[DEPLOYMENT]["draining"] is True
+        refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT,
+                             headers=bearer(api_key), timeout=60)
+        assert refused.status_code == 503
+    out, _ = script.communicate(timeout=300)
+    streamer.join(timeout=120)
+
+    assert script.returncode == 0, out
+    assert stream_result["status"] == 200 and stream_result["done"], stream_result
+    lines = out.splitlines()
+    assert f"drained {DEPLOYMENT} on {gateway.url}" in lines
+    assert f"in flight on {gateway.url}: 0" in lines
+    assert any(line.startswith("waiting: 1 in flight") for line in lines), out
+    assert "[dry-run] apt-get update -q" in lines  # package steps only printed
+    assert "[dry-run] unattended-upgrade -v" in lines
+    assert f"undrained {DEPLOYMENT} on {gateway.url}" in lines
+    assert "inference ok" in lines
+    # the undrain came after the stream had finished
+    assert lines.index(f"in flight on {gateway.url}: 0") > lines.index(
+        f"drained {DEPLOYMENT} on {gateway.url}")
+    assert engines(gateway, admin_key)[DEPLOYMENT]["draining"] is False
