@@ -7,14 +7,18 @@ cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3.11}
 
-# Real servers the tests start on loopback, from Debian's packages: Redis (shared rate limits),
+# Real servers and tools the tests use, from Debian's packages: Redis (shared rate limits),
 # PostgreSQL (the shared state store), Prometheus + promtool and the node exporter (the
-# monitoring rules and the consistency test).
+# monitoring rules and the consistency test), nftables, shellcheck and bats (hardening/).
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 [[ -x /usr/lib/postgresql/15/bin/initdb ]] || missing+=(postgresql)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
+command -v nft >/dev/null || missing+=(nftables)
+command -v shellcheck >/dev/null || missing+=(shellcheck)
+command -v bats >/dev/null || missing+=(bats)
+command -v curl >/dev/null || missing+=(curl)
 if (( ${#missing[@]} )); then
     if [[ $(id -u) -ne 0 ]]; then
         echo "missing Debian packages: ${missing[*]} (run: sudo apt-get install ${missing[*]})" >&2
@@ -34,6 +38,8 @@ fi
 if [[ $# -eq 0 ]]; then
     .venv/bin/ruff check serving monitoring tests
     .venv/bin/mypy
+    shellcheck -x hardening/*.sh hardening/*/*.sh tests/run.sh
+    bats tests/hardening
 fi
 # The engine environment (vLLM in its own virtualenv) and the demo model: no-ops once done.
 if [[ $# -eq 0 || "$*" == *integration* ]]; then
