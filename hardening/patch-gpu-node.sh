@@ -41,6 +41,15 @@ done
 [[ $timeout =~ ^[0-9]+$ ]] || die "--timeout takes seconds"
 [[ -n ${ENCLAVE_ADMIN_KEY:-} ]] || die "set ENCLAVE_ADMIN_KEY to a key with the admin scope"
 
+# Keys go to curl in header files, never on its command line (ps shows arguments).
+headers=$(mktemp -d)
+chmod 700 "$headers"
+printf 'Authorization: Bearer %s\n' "$ENCLAVE_ADMIN_KEY" > "$headers/admin"
+if [[ -n ${ENCLAVE_VERIFY_KEY:-} ]]; then
+    printf 'Authorization: Bearer %s\n' "$ENCLAVE_VERIFY_KEY" > "$headers/verify"
+fi
+drained=0  # 1 while engines are drained: the exit trap then says so, or undrains
+
 step() { printf '==> %s\n' "$*"; }
 
 # run CMD...: a host-changing step; printed only in a dry run.
@@ -53,8 +62,19 @@ run() {
 }
 
 admin() {  # admin METHOD URL
-    curl -fsS -X "$1" -H "Authorization: Bearer $ENCLAVE_ADMIN_KEY" --max-time 10 "$2"
+    curl -fsS -X "$1" -H "@$headers/admin" --max-time 10 "$2"
 }
+
+on_exit() {
+    local code=$?
+    rm -rf "$headers"
+    if (( drained && code != 0 )); then
+        log "FAILED with the engines still drained on: ${gateways[*]}"
+        log "fix the host, then: $0 --after-reboot ... (checks, then undrains)"
+    fi
+}
+trap on_exit EXIT
+trap 'log "interrupted"; exit 130' INT TERM
 
 # in_flight GATEWAY: the sum of in_flight over our deployments on that gateway.
 in_flight() {
@@ -69,8 +89,10 @@ set_drain() {  # set_drain drain|undrain
     local gw dep
     for gw in "${gateways[@]}"; do
         for dep in "${deployments[@]}"; do
-            admin POST "$gw/admin/v1/engines/$dep/$1" > /dev/null \
-                || die "$1 of $dep failed on $gw"
+            if ! admin POST "$gw/admin/v1/engines/$dep/$1" > /dev/null; then
+                [[ $1 == drain ]] && drained=1  # some may be drained already
+                die "$1 of $dep failed on $gw"
+            fi
             printf '%sed %s on %s\n' "$1" "$dep" "$gw"
         done
     done
@@ -79,12 +101,15 @@ set_drain() {  # set_drain drain|undrain
 drain() {
     step "drain"
     set_drain drain
-    trap 'log "interrupted: undraining"; set_drain undrain' INT TERM
+    drained=1
     local deadline=$((SECONDS + timeout)) gw n
     for gw in "${gateways[@]}"; do
-        while n=$(in_flight "$gw") && (( n > 0 )); do
+        while true; do
+            n=$(in_flight "$gw") || die "cannot read the engines' in-flight count on $gw"
+            (( n == 0 )) && break
             if (( SECONDS >= deadline )); then
                 set_drain undrain
+                drained=0
                 die "still $n requests in flight on $gw after ${timeout}s; undrained, nothing changed"
             fi
             printf 'waiting: %s in flight on %s\n' "$n" "$gw"
@@ -112,9 +137,15 @@ driver() {
         printf 'driver %s is the pinned version\n' "$installed"
     else
         printf 'driver %s -> pinned %s\n' "${installed:-none}" "$pinned"
-        run apt-mark unhold "nvidia-driver*"
-        run apt-get install -y "nvidia-driver=$pinned*"
-        run apt-mark hold "nvidia-driver*"
+        local -a held
+        mapfile -t held < <(grep -v '^#' "$here/patching/held-packages")
+        # the whole held set moves together (driver, its libraries, the kernel module)
+        run apt-mark unhold "${held[@]}"
+        if ! run apt-get install -y "nvidia-driver=$pinned*"; then
+            run apt-mark hold "${held[@]}"
+            die "the driver $pinned did not install; the GPU stack is held again"
+        fi
+        run apt-mark hold "${held[@]}"
         run touch /var/run/reboot-required
     fi
 }
@@ -138,39 +169,47 @@ verify() {
     else
         die "nvidia-smi is missing: the driver is not working"
     fi
-    local gw="${gateways[0]}"
-    admin GET "$gw/admin/v1/engines" | python3 -c '
+    # engines load their weights after a reboot: wait for them (up to --timeout)
+    local gw="${gateways[0]}" deadline=$((SECONDS + timeout)) unhealthy
+    while true; do
+        unhealthy=$(admin GET "$gw/admin/v1/engines" | python3 -c '
 import json, sys
 wanted = set(sys.argv[1:])
-bad = [e["deployment"] for e in json.load(sys.stdin)["data"]
-       if e["deployment"] in wanted and not e["healthy"]]
-if bad:
-    sys.exit("engines not healthy: " + ", ".join(bad))
-print("engines healthy:", ", ".join(sorted(wanted)))' "${deployments[@]}"
+print(" ".join(e["deployment"] for e in json.load(sys.stdin)["data"]
+               if e["deployment"] in wanted and not e["healthy"]))' "${deployments[@]}") \
+            || die "cannot read the engines on $gw"
+        [[ -z $unhealthy ]] && break
+        (( SECONDS < deadline )) || die "engines not healthy after ${timeout}s: $unhealthy"
+        printf 'waiting for healthy engines: %s\n' "$unhealthy"
+        sleep 2
+    done
+    printf 'engines healthy: %s\n' "${deployments[*]}"
 }
 
 undrain_and_check() {
     step "undrain"
     set_drain undrain
-    trap - INT TERM
+    drained=0
     if [[ -z ${ENCLAVE_VERIFY_KEY:-} ]]; then
         log "warning: ENCLAVE_VERIFY_KEY not set: no inference check"
         return
     fi
     local gw="${gateways[0]}" name=${model:-}
-    if [[ -z $name ]]; then
+    if [[ -z $name ]]; then  # model@version: this very engine, not another version
         name=$(admin GET "$gw/admin/v1/engines" | python3 -c '
 import json, sys
-print(next(e["model"] for e in json.load(sys.stdin)["data"] if e["deployment"] == sys.argv[1]))
+e = next(e for e in json.load(sys.stdin)["data"] if e["deployment"] == sys.argv[1])
+print(e["model"] + "@" + e["version"])
 ' "${deployments[0]}")
     fi
     step "one inference through $gw ($name)"
     if ! curl -fsS --max-time 120 "$gw/v1/chat/completions" \
-            -H "Authorization: Bearer $ENCLAVE_VERIFY_KEY" -H "Content-Type: application/json" \
+            -H "@$headers/verify" -H "Content-Type: application/json" \
             -d "{\"model\": \"$name\", \"max_tokens\": 4,
                  \"messages\": [{\"role\": \"user\", \"content\": \"patch check\"}]}" \
             > /dev/null; then
         set_drain drain
+        drained=1
         die "the inference check failed: drained again, look at the engine before undraining"
     fi
     printf 'inference ok\n'

@@ -32,7 +32,8 @@ def _supervisor(settings: Settings) -> Supervisor:
         build_demo_model(settings)
     deployments = [d for m in manifests for d in m.deployments()]
     sup = Supervisor(deployments, env,
-                     lambda d: resolve_model_dir(d, settings.cache_dir, env), settings.run_dir)
+                     lambda d: resolve_model_dir(d, settings.cache_dir, env), settings.run_dir,
+                     host=settings.engine_host)
     try:
         sup.verify()
     except WeightsError as exc:

@@ -97,8 +97,7 @@ class RelayResponse(Response):
             p.route, PATHS[p.endpoint], p.body, ctx.request_id, p.engine)
         ctx.engine = engine.name
         ctx.upstream_status = response.status
-        engine.in_flight += 1
-        try:
+        try:  # open() counted the request in engine.in_flight
             if response.status != 200:
                 await self._relay_error(send, response)
             elif p.stream:

@@ -50,25 +50,35 @@ class Upstream:
                    pinned: EngineState | None = None) -> tuple[EngineState, aiohttp.ClientResponse]:
         """``pinned``: the one engine to use (a version the client named, even at traffic weight
         0, for canary checks); no other version is tried for it. Otherwise a weighted pick,
-        moving to another healthy version (never one already tried) when a connect fails."""
+        moving to another healthy version (never one already tried) when a connect fails.
+
+        The engine's ``in_flight`` counts the request from before it is sent (a non-streamed
+        answer's headers come only when generation ends; draining must see it all along); the
+        caller decrements it when the exchange ends."""
         headers = {"content-type": "application/json", "x-request-id": request_id}
         tried: set[str] = set()
         for _ in range(1 if pinned is not None else self._retries + 1):
             if pinned is not None:
-                engine = pinned if pinned.healthy else None
+                engine = pinned if pinned.healthy and not pinned.draining else None
             else:
                 engine = route.pick(exclude=tried)
             if engine is None:
                 break
             tried.add(engine.name)
+            engine.in_flight += 1
             try:
                 response = await self._session.post(engine.base_url + path, data=body,
                                                     headers=headers, allow_redirects=False)
             except TIMEOUTS:
+                engine.in_flight -= 1
                 raise EngineTimeout(
                     f"The engine for '{route.name}' did not answer in time.") from None
             except CONNECT_ERRORS as exc:
+                engine.in_flight -= 1
                 self._pool.mark_down(engine, type(exc).__name__)
                 continue
+            except BaseException:
+                engine.in_flight -= 1
+                raise
             return engine, response
         raise self.unavailable(route.name)

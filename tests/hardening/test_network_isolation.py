@@ -175,10 +175,11 @@ def closed(lab: tuple[Lab, str]) -> tuple[Lab, str]:
     gw = config(net.root, "gateway.conf",
                 f"role=gateway\nclient_cidrs={IP['client']}/32\nengine_addrs={IP['engine']}\n"
                 f"engine_ports={ENGINE_PORT}\ngateway_port={GATEWAY_PORT}\n"
-                f"dns={IP['resolver']}\n")
+                f"dns={IP['resolver']}\nadmin_cidrs=none\n")
     engine = config(net.root, "engine.conf",
                     f"role=engine\ngateway_addrs={IP['gateway']}\nengine_ports={ENGINE_PORT}\n"
-                    f"dns={IP['resolver']}\nmonitoring_cidrs={NET}.90/32\n")
+                    f"dns={IP['resolver']}\nmonitoring_cidrs={NET}.90/32\n"
+                    "admin_cidrs=none\n")
     for role, path in (("gateway", gw), ("engine", engine)):
         applied = net.firewall(role, "apply", str(path))
         assert applied.returncode == 0, applied.stderr
@@ -223,9 +224,9 @@ def test_an_invalid_config_is_refused_before_anything_changes(closed: tuple[Lab,
     before = net.ruleset("engine")
     for text, why in (("role=engine\ngateway_addrs=10.77.0.20\n", "needs engine_ports"),
                       ("role=router\n", "role must be"),
-                      ("role=engine\ngateway_addrs=10.77.0.20\nengine_ports=99999\n",
+                      ("role=engine\ngateway_addrs=10.77.0.20\nengine_ports=99999\nadmin_cidrs=none\n",
                        "not a port"),
-                      ("role=engine\ngateway_addrs=10.77.0.256\nengine_ports=8101\n",
+                      ("role=engine\ngateway_addrs=10.77.0.256\nengine_ports=8101\nadmin_cidrs=none\n",
                        "not an IPv4"),
                       ("role=engine\ngateway_addrs=10.77.0.20\nengine_ports=8101\nfoo=1\n",
                        "unknown key")):
@@ -248,7 +249,7 @@ def test_a_failed_apply_keeps_the_previous_ruleset_and_rollback_restores(
     env = {**os.environ, "NFT": str(failing),
            "ENCLAVE_FIREWALL_STATE_DIR": str(net.root / "fw-engine")}
     wide = config(net.root, "wide.conf", f"role=engine\ngateway_addrs={NET}.0/24\n"
-                  f"engine_ports={ENGINE_PORT}\n")
+                  f"engine_ports={ENGINE_PORT}\nadmin_cidrs=none\n")
     failed = net.run("engine", "bash", str(POLICY), "apply", str(wide), env=env)
     assert failed.returncode != 0
     assert "previous ruleset is still in force" in failed.stderr

@@ -57,6 +57,27 @@ def test_a_drained_engine_gets_no_new_requests_until_undrained(
                       headers=bearer(api_key), timeout=60).status_code == 200
 
 
+def test_a_non_streamed_request_counts_in_flight_while_it_generates(
+        gateway: GatewayServer, admin_key: str, api_key: str) -> None:
+    """vLLM sends a non-streamed answer's headers only at the end: drain must see it before."""
+    done = threading.Event()
+
+    def long_request() -> None:
+        body = {**CHAT, "max_tokens": 300, "ignore_eos": True}
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=bearer(api_key),
+                   timeout=120)
+        done.set()
+
+    threading.Thread(target=long_request).start()
+    seen = 0
+    while not done.is_set() and not seen:
+        seen = int(engines(gateway, admin_key)[DEPLOYMENT]["in_flight"])  # type: ignore[call-overload]
+        time.sleep(0.05)
+    assert seen == 1
+    done.wait(120)
+    assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
+
+
 def test_drain_needs_the_admin_scope_and_a_known_deployment(
         gateway: GatewayServer, admin_key: str, api_key: str) -> None:
     url = f"{gateway.url}/admin/v1/engines/{DEPLOYMENT}/drain"
