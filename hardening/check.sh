@@ -75,7 +75,7 @@ check_audit() {
     if ! command -v auditctl > /dev/null; then
         report auditd n/a "auditd is not installed"; return
     fi
-    if auditctl -l 2> /dev/null | grep -q "enclave-secrets"; then
+    if grep -q "enclave-secrets" < <(auditctl -l 2> /dev/null); then
         report auditd pass "Enclave watch rules loaded"
     else
         report auditd fail "Enclave audit rules not loaded (augenrules --load)"
@@ -117,9 +117,9 @@ check_held() {
         report held n/a "no GPU driver, CUDA or container runtime package installed"; return
     fi
     local held pkg
-    held=$(apt-mark showhold)
+    held=$(apt-mark showhold | sed 's/:.*//')  # foreign architectures print as name:arch
     for pkg in "${installed[@]}"; do
-        grep -qx "$pkg" <<< "$held" || unheld+=("$pkg")
+        grep -qxF "$pkg" <<< "$held" || unheld+=("$pkg")
     done
     if (( ${#unheld[@]} )); then
         report held fail "not held: ${unheld[*]}"
@@ -154,6 +154,10 @@ check_units() {
 json_string() {
     local s=${1//\\/\\\\}
     s=${s//\"/\\\"}
+    s=${s//$'\n'/\\n}
+    s=${s//$'\t'/\\t}
+    s=${s//$'\r'/\\r}
+    s=$(tr -d '\000-\010\013\014\016-\037' <<< "$s")  # other control characters
     printf '"%s"' "$s"
 }
 

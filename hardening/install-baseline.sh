@@ -31,7 +31,7 @@ put() {
 }
 
 put sysctl/99-enclave.conf /etc/sysctl.d/99-enclave.conf 644
-put ssh/50-enclave.conf /etc/ssh/sshd_config.d/50-enclave.conf 600
+put ssh/00-enclave.conf /etc/ssh/sshd_config.d/00-enclave.conf 600
 put audit/enclave.rules /etc/audit/rules.d/50-enclave.rules 640
 put patching/50enclave-unattended-upgrades /etc/apt/apt.conf.d/50enclave-unattended-upgrades 644
 put patching/20auto-upgrades /etc/apt/apt.conf.d/20auto-upgrades 644
@@ -61,4 +61,5 @@ run sysctl --system
 if command -v augenrules > /dev/null; then run augenrules --load; fi
 if command -v sshd > /dev/null; then run sshd -t; run systemctl reload ssh; fi
 run systemctl daemon-reload
+run systemctl enable enclave-firewall.service  # reloads the last applied ruleset at boot
 log "baseline installed"

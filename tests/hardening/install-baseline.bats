@@ -9,7 +9,7 @@ setup() {
     root="$BATS_TEST_TMPDIR/root"
     run bash "$HARDENING/install-baseline.sh" --root "$root"
     [ "$status" -eq 0 ]
-    [ "$(stat -c %a "$root/etc/ssh/sshd_config.d/50-enclave.conf")" = 600 ]
+    [ "$(stat -c %a "$root/etc/ssh/sshd_config.d/00-enclave.conf")" = 600 ]
     [ "$(stat -c %a "$root/etc/sysctl.d/99-enclave.conf")" = 644 ]
     [ "$(stat -c %a "$root/var/lib/enclave")" = 700 ]
     grep -q '"nvidia-";' "$root/etc/apt/apt.conf.d/50enclave-unattended-upgrades"
