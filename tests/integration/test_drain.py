@@ -19,6 +19,8 @@ pytestmark = pytest.mark.engine
 DEPLOYMENT = "demo-chat-v1"
 CHAT = {"model": "demo-chat", "max_tokens": 8,
         "messages": [{"role": "user", "content": "drain"}]}
+# Long enough (~5 s on the CPU engine) to be seen in flight while it runs.
+LONG = {**CHAT, "max_tokens": 1500, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,10 @@ def test_a_non_streamed_request_counts_in_flight_while_it_generates(
         gateway: GatewayServer, admin_key: str, api_key: str) -> None:
     """vLLM sends a non-streamed answer's headers only at the end: drain must see it before."""
     done = threading.Event()
+    assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
 
     def long_request() -> None:
-        body = {**CHAT, "max_tokens": 300, "ignore_eos": True}
+        body = LONG
         httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=bearer(api_key),
                    timeout=120)
         done.set()
@@ -93,8 +96,10 @@ def test_patch_dry_run_drains_waits_for_in_flight_and_undrains(
         gateway: GatewayServer, admin_key: str, api_key: str, undrained: None) -> None:
     stream_result: dict[str, object] = {}
 
+    assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
+
     def long_stream() -> None:
-        body = {**CHAT, "max_tokens": 300, "ignore_eos": True, "stream": True}
+        body = {**LONG, "stream": True}
         with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
                           headers=bearer(api_key), timeout=120) as resp:
             text = "".join(resp.iter_text())
