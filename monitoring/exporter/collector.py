@@ -101,6 +101,7 @@ class GpuCollector(Collector):
         families.update({name: Family(name, doc, typ, base, extra)
                          for name, (doc, typ, base, extra) in OWN_METRICS.items()})
         up = families["enclave_gpu_up"]
+        self.deployments.refresh()
         owner: Callable[[int], str] = self.deployments.owner
         for gpu in self.gpus:
             samples = self._read(gpu, owner)

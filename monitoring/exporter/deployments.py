@@ -22,7 +22,6 @@ class Deployments:
 
     def owner(self, pid: int) -> str:
         """The deployment whose engine session ``pid`` belongs to, else ``unmanaged``."""
-        self._refresh()
         if not self._by_session:
             return UNMANAGED
         name = self._by_session.get(pid)
@@ -33,7 +32,8 @@ class Deployments:
         except OSError:  # gone, or in another pid namespace
             return UNMANAGED
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Re-read the file if it changed: once per scrape, by the collector."""
         if self.path is None:
             return
         try:

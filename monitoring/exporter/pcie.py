@@ -7,22 +7,23 @@ concurrent scrape again. A thread samples every few seconds; scrapes read the la
 
 from __future__ import annotations
 
-import threading
-
 from monitoring.exporter.devices import Gpu
 from monitoring.exporter.nvml import NVML, Calls, GpuLost
+from monitoring.exporter.worker import Worker
 
 INTERVAL_S = 5.0
 
 
-class PcieSampler:
+class PcieSampler(Worker):
+    name = "pcie-sampler"
+    join_timeout_s = INTERVAL_S + 1
+
     def __init__(self, nvml: NVML, calls: Calls, gpus: list[Gpu]) -> None:
+        super().__init__()
         self.nvml = nvml
         self.calls = calls
         self.gpus = [g for g in gpus if g.handle is not None]
         self._values: dict[int, tuple[int | None, int | None]] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def sample(self) -> None:
         for gpu in self.gpus:
@@ -37,15 +38,6 @@ class PcieSampler:
 
     def get(self, index: int) -> tuple[int | None, int | None]:
         return self._values.get(index, (None, None))
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pcie-sampler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=INTERVAL_S + 1)
 
     def _run(self) -> None:
         while not self._stop.wait(INTERVAL_S):

@@ -13,6 +13,7 @@ from collections import Counter
 
 from monitoring.exporter.devices import Gpu
 from monitoring.exporter.nvml import NVML, Calls, GpuLost, text
+from monitoring.exporter.worker import Worker
 
 log = logging.getLogger("enclave.exporter")
 
@@ -22,26 +23,18 @@ CRITICAL_XIDS = (48, 63, 64, 74, 79, 92, 94, 95, 119, 120)
 WAIT_MS = 500
 
 
-class XidWatcher:
+class XidWatcher(Worker):
+    name = "xid-events"
+    join_timeout_s = 2 * WAIT_MS / 1000 + 1
+
     def __init__(self, nvml: NVML, calls: Calls, gpus: list[Gpu]) -> None:
+        super().__init__()
         self.nvml = nvml
         self.calls = calls
         self.gpus = [g for g in gpus if g.handle is not None]
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, int]] = Counter()
         self._last: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.watching: set[str] = set()  # UUIDs whose XID events are registered
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="xid-events", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2 * WAIT_MS / 1000 + 1)
 
     def counts(self) -> tuple[dict[tuple[str, int], int], dict[str, int]]:
         with self._lock:
@@ -71,7 +64,7 @@ class XidWatcher:
         event_set: object | None = self.calls.read("eventset", "nvmlEventSetCreate")
         if event_set is None:
             return None
-        self.watching = set()
+        watching = 0
         for gpu in self.gpus:
             try:
                 ok, _ = self.calls.call((gpu.index, "events"), "nvmlDeviceRegisterEvents",
@@ -79,9 +72,8 @@ class XidWatcher:
                                         event_set)
             except GpuLost:
                 continue
-            if ok:
-                self.watching.add(gpu.uuid)
-        if not self.watching:
+            watching += ok
+        if not watching:
             log.info("no GPU reports XID events through NVML")
             self.calls.read("eventset_free", "nvmlEventSetFree", event_set)
             return None
