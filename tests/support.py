@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import uvicorn
 import yaml
 
 from serving.app import create_app
+from serving.bench.targets import free_port
 from serving.logs import JsonFormatter
 from serving.settings import Settings
 
@@ -48,13 +48,6 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def copy_manifests(dest: Path, ports: dict[str, int] | None = None) -> Path:

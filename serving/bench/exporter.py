@@ -9,7 +9,6 @@ process, so it counts only the exporter's own work.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ from dataclasses import dataclass
 
 import click
 
+from serving.bench.targets import free_port
+
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -36,7 +30,7 @@ class Target:
 
     @classmethod
     def start(cls, gpus: int) -> Target:
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "monitoring.exporter", "--port", str(port),
              "--fake-gpus", str(gpus), "--engines-file", os.devnull],

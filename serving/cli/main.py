@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from monitoring.exporter.bench import bench_exporter
 from monitoring.exporter.cli import exporter
 from serving import __version__
+from serving.bench.exporter import bench_exporter
 from serving.cli.admin import db, oauth, policies, usage
 from serving.cli.bench import bench
 from serving.cli.clients import clients
