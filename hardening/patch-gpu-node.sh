@@ -76,13 +76,19 @@ on_exit() {
 trap on_exit EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-# in_flight GATEWAY: the sum of in_flight over our deployments on that gateway.
-in_flight() {
+# engine_rows GATEWAY: one line per deployment of ours on that gateway:
+#   deployment in_flight healthy(0/1) model version
+engine_rows() {
     admin GET "$1/admin/v1/engines" | python3 -c '
 import json, sys
-wanted = set(sys.argv[1:])
-engines = json.load(sys.stdin)["data"]
-print(sum(e["in_flight"] for e in engines if e["deployment"] in wanted))' "${deployments[@]}"
+for e in json.load(sys.stdin)["data"]:
+    if e["deployment"] in sys.argv[1:]:
+        print(e["deployment"], e["in_flight"], int(e["healthy"]), e["model"], e["version"])
+' "${deployments[@]}"
+}
+
+in_flight() {  # in_flight GATEWAY: the sum over our deployments
+    engine_rows "$1" | awk '{ n += $2 } END { print n + 0 }'
 }
 
 set_drain() {  # set_drain drain|undrain
@@ -172,11 +178,7 @@ verify() {
     # engines load their weights after a reboot: wait for them (up to --timeout)
     local gw="${gateways[0]}" deadline=$((SECONDS + timeout)) unhealthy
     while true; do
-        unhealthy=$(admin GET "$gw/admin/v1/engines" | python3 -c '
-import json, sys
-wanted = set(sys.argv[1:])
-print(" ".join(e["deployment"] for e in json.load(sys.stdin)["data"]
-               if e["deployment"] in wanted and not e["healthy"]))' "${deployments[@]}") \
+        unhealthy=$(engine_rows "$gw" | awk '$3 == 0 { printf "%s ", $1 }') \
             || die "cannot read the engines on $gw"
         [[ -z $unhealthy ]] && break
         (( SECONDS < deadline )) || die "engines not healthy after ${timeout}s: $unhealthy"
@@ -196,11 +198,7 @@ undrain_and_check() {
     fi
     local gw="${gateways[0]}" name=${model:-}
     if [[ -z $name ]]; then  # model@version: this very engine, not another version
-        name=$(admin GET "$gw/admin/v1/engines" | python3 -c '
-import json, sys
-e = next(e for e in json.load(sys.stdin)["data"] if e["deployment"] == sys.argv[1])
-print(e["model"] + "@" + e["version"])
-' "${deployments[0]}")
+        name=$(engine_rows "$gw" | awk -v d="${deployments[0]}" '$1 == d { print $4 "@" $5 }')
     fi
     step "one inference through $gw ($name)"
     if ! curl -fsS --max-time 120 "$gw/v1/chat/completions" \
