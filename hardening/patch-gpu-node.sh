@@ -134,7 +134,7 @@ update() {
 driver() {
     step "NVIDIA driver"
     local pinned installed
-    pinned=$(tr -d '[:space:]' < "$pin_file" 2> /dev/null || true)
+    pinned=$(tr -d '[:space:]' 2> /dev/null < "$pin_file" || true)
     installed=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2> /dev/null \
                 | head -n1 || true)
     if [[ -z $pinned ]]; then

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.engine
 DEPLOYMENT = "demo-chat-v1"
 CHAT = {"model": "demo-chat", "max_tokens": 8,
         "messages": [{"role": "user", "content": "drain"}]}
-# Long enough (~5 s on the CPU engine) to be seen in flight while it runs.
-LONG = {**CHAT, "max_tokens": 1500, "ignore_eos": True}
+# Long enough to be seen in flight while it runs: four sequences of 1500 tokens (a single one
+# took under a second on an idle CPU engine, faster than the first admin calls answered).
+LONG = {**CHAT, "max_tokens": 1500, "ignore_eos": True, "n": 4}
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +66,14 @@ def test_a_non_streamed_request_counts_in_flight_while_it_generates(
     done = threading.Event()
     assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
 
+    outcome: dict[str, object] = {}
+
     def long_request() -> None:
-        body = LONG
-        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=bearer(api_key),
-                   timeout=120)
+        started = time.monotonic()
+        resp = httpx.post(f"{gateway.url}/v1/chat/completions", json=LONG,
+                          headers=bearer(api_key), timeout=120)
+        outcome.update(status=resp.status_code, seconds=time.monotonic() - started,
+                       body=resp.text[:200])
         done.set()
 
     threading.Thread(target=long_request).start()
@@ -76,8 +81,8 @@ def test_a_non_streamed_request_counts_in_flight_while_it_generates(
     while not done.is_set() and not seen:
         seen = int(engines(gateway, admin_key)[DEPLOYMENT]["in_flight"])  # type: ignore[call-overload]
         time.sleep(0.05)
-    assert seen == 1
     done.wait(120)
+    assert seen == 1, outcome
     assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
 
 
@@ -104,13 +109,15 @@ def test_patch_dry_run_drains_waits_for_in_flight_and_undrains(
                           headers=bearer(api_key), timeout=120) as resp:
             text = "".join(resp.iter_text())
         stream_result.update(status=resp.status_code, done="data: [DONE]" in text,
-                             finished=True)
+                             finished=True, text=text[-300:])
 
     streamer = threading.Thread(target=long_stream)
     streamer.start()
     deadline = time.monotonic() + 30
     while engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0:
-        assert time.monotonic() < deadline, "the stream never reached the engine"
+        assert "finished" not in stream_result, f"the stream ended unseen: {stream_result}"
+        assert time.monotonic() < deadline, (
+            f"the stream never reached the engine: {engines(gateway, admin_key)[DEPLOYMENT]}")
         time.sleep(0.05)
 
     env = {**os.environ, "ENCLAVE_ADMIN_KEY": admin_key, "ENCLAVE_VERIFY_KEY": api_key,
