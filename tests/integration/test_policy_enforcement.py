@@ -103,15 +103,21 @@ def test_refused_spellings_never_reach_the_engine(gateway: GatewayServer,
     assert ok.status_code == 200, ok.text
 
 
+LEAVER_MAX_TOKENS = 24  # a client that leaves asks for fewer tokens: see the bound below
+LEAVE_AFTER = 5
+
+
 async def _streams(url: str, key: str, n: int) -> tuple[int, int, int]:
     """n concurrent streams; every other client leaves after a few events.
     Returns (completed, abandoned, refused for quota)."""
     body = {"model": "demo-chat", "messages": [{"role": "user", "content": "count to ten"}],
             "max_tokens": 64, "ignore_eos": True, "stream": True}
+    leaver = {**body, "max_tokens": LEAVER_MAX_TOKENS}
     results = {"done": 0, "left": 0, "quota": 0}
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        async with client.stream("POST", url + "/v1/chat/completions",
+                                 json=leaver if i % 2 else body) as resp:
             if resp.status_code == 429:
                 assert (await resp.aread()) and resp.json()["error"]["code"] == \
                     "insufficient_quota"
@@ -123,7 +129,7 @@ async def _streams(url: str, key: str, n: int) -> tuple[int, int, int]:
                 if line.startswith("data: {"):
                     assert '"usage"' not in line  # the per-event usage is not shown
                     events += 1
-                    if i % 2 and events >= 5:
+                    if i % 2 and events >= LEAVE_AFTER:
                         results["left"] += 1
                         return  # leaving the block closes the connection mid-stream
             results["done"] += 1
@@ -156,9 +162,12 @@ def test_a_budget_holds_under_concurrent_streams_and_matches_the_engine(
         assert quota > 0  # the budget was reached: the others were refused, not served
         assert used == usage_total
         # The engine's own counters: every token it reported for these requests is charged.
-        # An abandoned stream runs on until vLLM sees the closed connection: a few steps on a
-        # busy CPU engine (seen: up to 10 tokens a stream with 50 streams), not charged.
-        assert used <= engine_used <= used + 16 * left, (used, engine_used, left)
+        # An abandoned stream runs on, uncharged, until vLLM sees the closed connection, and
+        # vLLM's engine core may be steps ahead of what its API server has streamed: on a
+        # starved 2-core CI machine that was 25 tokens a stream on average. The hard bound is
+        # what a leaver asked for beyond the tokens it read (its first event holds only the role).
+        slack = (LEAVER_MAX_TOKENS - (LEAVE_AFTER - 1)) * left
+        assert used <= engine_used <= used + slack, (used, engine_used, left)
         # Spending the rest one request at a time ends with a refusal, never an overspend.
         with httpx.Client(headers=bearer(key), timeout=60) as client:
             for _ in range(60):
