@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import secrets
+import socket
 from pathlib import Path
 
 from pydantic import Field, SecretStr, model_validator
@@ -182,13 +183,19 @@ class Settings(BaseSettings):
 
 
 def is_allowed_engine_host(host: str, allow_remote: bool) -> bool:
-    """Engines hold control endpoints: by default only loopback or private addresses."""
+    """Engines hold control endpoints: by default only loopback or private addresses.
+
+    A name (an internal load balancer's, say) is resolved once, at start-up: allowed when every
+    address it resolves to is loopback or private; a name that does not resolve is refused.
+    """
     if allow_remote:
         return True
-    if host == "localhost":
-        return True
     try:
-        addr = ipaddress.ip_address(host)
+        addrs = [ipaddress.ip_address(host)]
     except ValueError:
-        return False
-    return addr.is_loopback or addr.is_private
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return False
+        addrs = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    return bool(addrs) and all(a.is_loopback or a.is_private for a in addrs)

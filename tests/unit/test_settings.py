@@ -1,3 +1,4 @@
+import socket
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,21 @@ def test_the_pepper_never_shows_in_the_settings_repr(tmp_path: Path) -> None:
 def test_engines_must_be_on_loopback_or_private_addresses(host: str, ok: bool) -> None:
     assert is_allowed_engine_host(host, allow_remote=False) is ok
     assert is_allowed_engine_host(host, allow_remote=True) is True
+
+
+def test_an_engine_name_is_allowed_only_when_all_its_addresses_are_private(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in resolver (this machine has no DNS): an internal load balancer's name resolves
+    # to one private address per zone; a name with one public address among them is refused.
+    answers = {"engines.internal": ["10.0.1.5", "10.0.2.7"],
+               "mixed.internal": ["10.0.1.5", "52.1.2.3"]}
+
+    def getaddrinfo(host: str, *_: object, **__: object) -> list[tuple[object, ...]]:
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert is_allowed_engine_host("engines.internal", allow_remote=False) is True
+    assert is_allowed_engine_host("mixed.internal", allow_remote=False) is False
+    assert is_allowed_engine_host("nowhere.internal", allow_remote=False) is False
