@@ -32,7 +32,7 @@ fetch() {
         --retry-connrefused --output "$2" "$MIRROR_URL/$1"
 }
 
-log "1/7 packages from the mirror only"
+log "1/8 packages from the mirror only"
 if [[ $dry_run != 1 ]]; then
     install -d -m 0755 /etc/apt/disabled-sources
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*; do
@@ -47,7 +47,7 @@ if [[ $dry_run != 1 ]]; then
         /etc/apt/sources.list.d/enclave.sources
 fi
 
-log "2/7 the release, checked against its pinned SHA-256"
+log "2/8 the release, checked against its pinned SHA-256"
 tarball=/var/tmp/enclave-$ENCLAVE_VERSION.tar.gz
 fetch "enclave/enclave-$ENCLAVE_VERSION.tar.gz" "$tarball"
 if [[ $dry_run == 1 ]]; then
@@ -59,15 +59,12 @@ fi
 run install -d -m 0755 "$prefix/src"
 run tar -xzf "$tarball" -C "$prefix/src" --strip-components 1 --no-same-owner
 
-log "3/7 the host firewall (nothing else in or out from here on)"
-run "$prefix/src/hardening/firewall/nft-policy.sh" apply "$conf/firewall.conf"
-
-log "4/7 system packages"
+log "3/8 system packages"
 run env DEBIAN_FRONTEND=noninteractive apt-get update -qq
 run env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     python3.11 python3.11-venv nftables auditd unattended-upgrades
 
-log "5/7 Enclave into $prefix/.venv"
+log "4/8 Enclave into $prefix/.venv"
 run python3.11 -m venv "$prefix/.venv"
 run "$prefix/.venv/bin/pip" install --quiet --no-cache-dir --disable-pip-version-check \
     "$prefix/src"
@@ -75,7 +72,7 @@ run "$prefix/src/hardening/install-baseline.sh"
 run install -d -m 0755 "$conf/models"
 run cp -r "$prefix/src/models/." "$conf/models/"
 
-log "6/7 secrets (fetched here, never in the user data; the env file is root's only)"
+log "5/8 secrets (fetched here, never in the user data; the env file is root's only)"
 pepper_dir=/var/lib/enclave
 for pair in $SECRET_ENV; do
     name=${pair%%=*} id=${pair#*=}
@@ -106,8 +103,24 @@ fi
 run chown root:root "$env_file"
 run chmod 0600 "$env_file"
 
-log "7/7 services"
+log "6/8 engines: the data volume, the weights and the engine environment"
 if [[ $ROLE == engine ]]; then
+    # The data volume: the one whole disk with no partition and no filesystem yet. It holds
+    # the weights, the engine virtualenv and caches (/var/cache/enclave, so not noexec);
+    # without one they stay on the root volume.
+    data_disk=""
+    while read -r disk; do
+        if [[ $(lsblk -nro NAME "$disk" | wc -l) -eq 1 && -z $(blkid -o value -s TYPE "$disk" || true) ]]; then
+            data_disk=$disk
+            break
+        fi
+    done < <(lsblk -dpnro NAME,TYPE | awk '$2 == "disk" {print $1}')
+    if [[ -n $data_disk ]]; then
+        run mkfs.ext4 -q -L enclave-data "$data_disk"
+        run install -d -m 0755 /var/cache/enclave
+        run sh -c "echo 'LABEL=enclave-data /var/cache/enclave ext4 defaults,nofail,nodev,nosuid 0 2' >> /etc/fstab"
+        run mount /var/cache/enclave
+    fi
     if [[ -n $WEIGHTS_SYNC_COMMAND ]]; then
         read -r -a sync <<< "$WEIGHTS_SYNC_COMMAND"
         run install -d -o enclave-engine -g enclave-engine -m 0750 /var/cache/enclave/weights
@@ -116,6 +129,15 @@ if [[ $ROLE == engine ]]; then
     fi
     run runuser -u enclave-engine -- env HOME=/var/lib/enclave-engines \
         ENCLAVE_CACHE_DIR=/var/cache/enclave "$prefix/.venv/bin/enclave" engines setup
+fi
+
+# Applied last, once the weights are in: the object store is reached at boot only. The saved
+# ruleset is loaded again at every boot (enclave-firewall.service), before the network.
+log "7/8 the host firewall"
+run "$prefix/src/hardening/firewall/nft-policy.sh" apply "$conf/firewall.conf"
+
+log "8/8 services"
+if [[ $ROLE == engine ]]; then
     run systemctl enable --now enclave-firewall.service enclave-engines.service \
         enclave-exporter.service
 else
