@@ -3,8 +3,8 @@ variable "name" {
   type        = string
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{1,30}$", var.name))
-    error_message = "The name is 2 to 31 lower-case letters, digits and '-', starting with a letter."
+    condition     = can(regex("^[a-z][a-z0-9-]{1,15}$", var.name))
+    error_message = "The name is 2 to 16 lower-case letters, digits and '-', starting with a letter (load balancer names are short)."
   }
 }
 
