@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     models_dir: Path = Field(default_factory=_default_models_dir)
+    engine_env: Path | None = Field(
+        None, description="The engines' virtualenv (vLLM); default <cache_dir>/engine-venv. "
+        "An image sets it to a read-only path built in")
     database_url: str | None = Field(
         None, description="SQLAlchemy async URL; default SQLite in data_dir. PostgreSQL: "
         "postgresql+asyncpg://user:pass@host/db")
@@ -127,7 +130,7 @@ class Settings(BaseSettings):
 
     @property
     def engine_env_dir(self) -> Path:
-        return self.cache_dir / "engine-venv"
+        return self.engine_env or self.cache_dir / "engine-venv"
 
     def ensure_pepper_file(self) -> bool:
         """Create a random pepper in the data directory if none is configured. True if created."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import click
@@ -146,6 +147,24 @@ def engines_setup() -> None:
     """Create the engine environment (vLLM in its own virtualenv)."""
     env = ensure_engine_env(load_settings())
     console.print(f"engine environment ready: {env.root}")
+
+
+@engines.command("health")
+def engines_health() -> None:
+    """Exit 0 when every engine the supervisor runs is healthy (a container's health check)."""
+    settings = load_settings()
+    state_file = settings.run_dir / "engines.json"
+    try:
+        states = json.loads(state_file.read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"no engine state in {state_file} ({exc}); is `enclave engines run` running?")
+    unhealthy = []
+    for name, engine in sorted(states.items()):
+        stdout.print(f"{name} {engine.get('state')} {engine.get('url')}", markup=False)
+        if engine.get("state") != "healthy":
+            unhealthy.append(name)
+    if unhealthy or not states:
+        raise SystemExit(1)
 
 
 @engines.command("run")

@@ -23,6 +23,11 @@ BROKEN_BESIDE_CPU_TORCH = ("torchvision", "torchaudio", "torchcodec")
 
 
 def has_nvidia_gpu() -> bool:
+    """Whether to install the GPU build. ``ENCLAVE_ENGINE_GPU=1`` (or ``0``) decides where the
+    environment is built for another machine (an image build has no GPU)."""
+    forced = os.environ.get("ENCLAVE_ENGINE_GPU")
+    if forced in ("0", "1"):
+        return forced == "1"
     return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
 
 

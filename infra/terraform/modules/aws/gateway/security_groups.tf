@@ -10,6 +10,7 @@ resource "aws_security_group" "lb" {
 }
 
 resource "aws_security_group" "gateways" {
+  #checkov:skip=CKV2_AWS_5:attached to the hosts by the node-group module's launch template, through a module input the graph does not follow
   name        = "${var.name}-gateways"
   description = "Gateway hosts: the API port from the API load balancer, metrics from monitoring"
   vpc_id      = var.vpc_id

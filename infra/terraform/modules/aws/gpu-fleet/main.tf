@@ -138,8 +138,6 @@ resource "aws_lb_target_group" "engines" {
 }
 
 resource "aws_lb_listener" "engines" {
-  #checkov:skip=CKV_AWS_2:the engines speak plain HTTP inside the VPC; the client-facing TLS ends at the gateway's load balancer (see the README)
-  #checkov:skip=CKV_AWS_103:TCP listener, no TLS policy applies (see the README)
   for_each = local.ports
 
   load_balancer_arn = aws_lb.engines.arn

@@ -9,6 +9,7 @@ resource "aws_security_group" "engine_lb" {
 }
 
 resource "aws_security_group" "engines" {
+  #checkov:skip=CKV2_AWS_5:attached to the hosts by the node-group module's launch template, through a module input the graph does not follow
   name        = "${var.name}-engines"
   description = "GPU hosts: engine ports from the engine load balancer, metrics from monitoring"
   vpc_id      = var.vpc_id
