@@ -71,6 +71,9 @@ run "$prefix/.venv/bin/pip" install --quiet --no-cache-dir --disable-pip-version
 run "$prefix/src/hardening/install-baseline.sh"
 run install -d -m 0755 "$conf/models"
 run cp -r "$prefix/src/models/." "$conf/models/"
+if [[ $ROLE == gateway && ! -f $conf/policies.yaml ]]; then
+    run install -m 0644 "$prefix/src/config/policies.yaml" "$conf/policies.yaml"
+fi
 
 log "5/8 secrets (fetched here, never in the user data; the env file is root's only)"
 pepper_dir=/var/lib/enclave

@@ -24,18 +24,19 @@ locals {
       "# Enclave ${var.role} host: written by Terraform (infra/terraform/modules/bootstrap).",
       "set -euo pipefail",
       "umask 027",
-      "install -d -m 0750 /etc/enclave",
-      "cat > /etc/enclave/bootstrap.env <<'ENCLAVE_END'",
+      "conf=\"$${ENCLAVE_BOOTSTRAP_ROOT:-}/etc/enclave\"", # a test renders it under a directory
+      "install -d -m 0750 \"$conf\"",
+      "cat > \"$conf/bootstrap.env\" <<'ENCLAVE_END'",
     ],
     [for k in sort(keys(local.bootstrap_env)) : "${k}='${local.bootstrap_env[k]}'"],
     [
       "ENCLAVE_END",
-      "cat > /etc/enclave/firewall.conf <<'ENCLAVE_END'",
+      "cat > \"$conf/firewall.conf\" <<'ENCLAVE_END'",
     ],
     [for k in sort(keys(local.firewall)) : "${k}=${local.firewall[k]}"],
     [
       "ENCLAVE_END",
-      "cat > /etc/enclave/${local.service}.env <<'ENCLAVE_END'",
+      "cat > \"$conf/${local.service}.env\" <<'ENCLAVE_END'",
     ],
     [for k in sort(keys(var.environment)) : "${k}=${var.environment[k]}"],
     ["ENCLAVE_END", ""],
