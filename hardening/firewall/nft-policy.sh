@@ -9,7 +9,7 @@
 # Everything lives in one table, `inet enclave`: default drop on input, forward and output;
 # loopback and established traffic allowed; each role opens only what it serves, to whom
 # (examples/*.conf); drops are logged at a limited rate. IPv4 only: IPv6 is dropped.
-# ENCLAVE_FIREWALL_STATE_DIR (default /var/lib/enclave/firewall) keeps the previous table and
+# ENCLAVE_FIREWALL_STATE_DIR (default /var/lib/enclave-firewall) keeps the previous table and
 # the one in force (current.nft), which enclave-firewall.service loads at boot.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -17,7 +17,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/../lib/common.sh"
 
 NFT=${NFT:-nft}
-STATE_DIR=${ENCLAVE_FIREWALL_STATE_DIR:-/var/lib/enclave/firewall}
+STATE_DIR=${ENCLAVE_FIREWALL_STATE_DIR:-/var/lib/enclave-firewall}
 ADDRESS_KEYS=(client_cidrs gateway_addrs engine_addrs monitoring_cidrs admin_cidrs dns ntp mirrors)
 PORT_KEYS=(gateway_port engine_ports exporter_port node_exporter_port ssh_port)
 # services: other internal services this host calls, as ADDRESS:PORT (PostgreSQL, Redis, ...)

@@ -42,6 +42,9 @@ module "network" {
   weights_bucket_arn = var.weights_bucket_arn
   weights_prefix     = var.weights_prefix
   logs_kms_key_arn   = module.logs_key.key_arn
+  transit_gateway_id = var.transit_gateway_id
+  routed_cidrs = distinct(concat(var.client_cidrs, var.monitoring_cidrs, var.mirror_cidrs,
+  [for s in var.services : s.cidr]))
 }
 
 module "gpu_fleet" {

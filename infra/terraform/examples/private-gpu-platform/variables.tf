@@ -120,3 +120,8 @@ variable "tags" {
   type        = map(string)
   default     = { Project = "enclave" }
 }
+
+variable "transit_gateway_id" {
+  description = "Transit gateway to the client, monitoring and mirror networks (their routes are added to the VPC)."
+  type        = string
+}

@@ -7,7 +7,9 @@
 #   ENCLAVE_BOOTSTRAP_DRY_RUN=1 bootstrap.sh   print each step instead of doing it (tests)
 #   ENCLAVE_BOOTSTRAP_ROOT=DIR                 where /etc/enclave is (tests; default /)
 set -euo pipefail
-umask 027
+# What is installed (the virtualenvs, models, policies) must be readable by the services' own
+# users; the files holding secrets get their modes explicitly.
+umask 022
 
 root=${ENCLAVE_BOOTSTRAP_ROOT:-}
 dry_run=${ENCLAVE_BOOTSTRAP_DRY_RUN:-0}
@@ -15,7 +17,7 @@ conf=$root/etc/enclave
 # shellcheck source=/dev/null
 source "$conf/bootstrap.env"
 : "${ROLE:?}" "${MIRROR_URL:?}" "${ENCLAVE_VERSION:?}" "${RELEASE_SHA256:?}"
-: "${SECRET_FETCH_COMMAND=}" "${WEIGHTS_SYNC_COMMAND=}" "${SECRET_ENV=}"
+: "${SECRET_FETCH_COMMAND=}" "${WEIGHTS_SYNC_COMMAND=}" "${SECRET_ENV=}" "${DATA_DISK_MODEL=}"
 
 prefix=/opt/enclave
 service=enclave-gateway
@@ -113,17 +115,22 @@ if [[ $ROLE == engine ]]; then
     # without one they stay on the root volume.
     data_disk=""
     while read -r disk; do
+        model=$(lsblk -dno MODEL "$disk" | sed 's/[[:space:]]*$//')
+        if [[ -n $DATA_DISK_MODEL && $model != "$DATA_DISK_MODEL" ]]; then continue; fi
         if [[ $(lsblk -nro NAME "$disk" | wc -l) -eq 1 && -z $(blkid -o value -s TYPE "$disk" || true) ]]; then
             data_disk=$disk
             break
         fi
     done < <(lsblk -dpnro NAME,TYPE | awk '$2 == "disk" {print $1}')
+    run install -d -m 0755 /var/cache/enclave
     if [[ -n $data_disk ]]; then
         run mkfs.ext4 -q -L enclave-data "$data_disk"
-        run install -d -m 0755 /var/cache/enclave
         run sh -c "echo 'LABEL=enclave-data /var/cache/enclave ext4 defaults,nofail,nodev,nosuid 0 2' >> /etc/fstab"
         run mount /var/cache/enclave
     fi
+    # the engines' user builds its virtualenv and keeps the weights here
+    run chown enclave-engine:enclave-engine /var/cache/enclave
+    run chmod 0750 /var/cache/enclave
     if [[ -n $WEIGHTS_SYNC_COMMAND ]]; then
         read -r -a sync <<< "$WEIGHTS_SYNC_COMMAND"
         run install -d -o enclave-engine -g enclave-engine -m 0750 /var/cache/enclave/weights

@@ -12,6 +12,7 @@ locals {
     RELEASE_SHA256       = var.release_sha256
     SECRET_FETCH_COMMAND = var.secret_fetch_command
     WEIGHTS_SYNC_COMMAND = var.weights_sync_command
+    DATA_DISK_MODEL      = var.data_disk_model
     SECRET_ENV           = join(" ", [for k in sort(keys(var.secret_env)) : "${k}=${var.secret_env[k]}"])
   }
 
@@ -25,7 +26,7 @@ locals {
       "set -euo pipefail",
       "umask 027",
       "conf=\"$${ENCLAVE_BOOTSTRAP_ROOT:-}/etc/enclave\"", # a test renders it under a directory
-      "install -d -m 0750 \"$conf\"",
+      "install -d -m 0755 \"$conf\"",                      # the services read models/ and policies.yaml here
       "cat > \"$conf/bootstrap.env\" <<'ENCLAVE_END'",
     ],
     [for k in sort(keys(local.bootstrap_env)) : "${k}='${local.bootstrap_env[k]}'"],

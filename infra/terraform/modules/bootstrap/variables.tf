@@ -91,3 +91,14 @@ variable "weights_sync_command" {
     error_message = "The command is words of letters, digits, '.', '_', '/', '=', ':' and '-'."
   }
 }
+
+variable "data_disk_model" {
+  description = "Engine hosts: the model name of the data volume's disk as lsblk shows it (e.g. Amazon Elastic Block Store), so an instance-store disk is never taken for it. Empty: the first blank whole disk."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9 ._-]*$", var.data_disk_model))
+    error_message = "The model is letters, digits, spaces, '.', '_' and '-'."
+  }
+}

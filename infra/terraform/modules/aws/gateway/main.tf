@@ -86,6 +86,7 @@ module "hosts" {
   target_group_arns         = [aws_lb_target_group.gateways.arn]
   health_check_grace_period = 300
   instance_warmup           = 120
+  attach_instance_policy    = true
   instance_policy_json      = data.aws_iam_policy_document.gateways.json
   log_group_prefix          = "/enclave/"
   tags                      = local.tags

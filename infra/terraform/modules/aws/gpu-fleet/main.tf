@@ -37,6 +37,7 @@ module "bootstrap" {
   environment = {
     ENCLAVE_LOG_LEVEL = "INFO"
   }
+  data_disk_model      = "Amazon Elastic Block Store" # not an instance-store NVMe disk
   weights_sync_command = "aws --region ${local.region} s3 sync --only-show-errors s3://${element(split(":::", var.weights_bucket_arn), 1)}/${var.weights_prefix}"
 }
 
@@ -96,10 +97,13 @@ module "hosts" {
   # one host at a time out of a small GPU fleet: with 2 hosts, 50% keeps one serving
   refresh_min_healthy_percentage = 50
   instance_warmup                = 900
-  instance_policy_json           = data.aws_iam_policy_document.engines.json
-  ecr_repository_arns            = var.ecr_repository_arns
-  log_group_prefix               = "/enclave/"
-  tags                           = local.tags
+  # bootstrap installs vLLM's CUDA wheels, syncs the weights, then the engines load them
+  health_check_grace_period = 2400
+  attach_instance_policy    = true
+  instance_policy_json      = data.aws_iam_policy_document.engines.json
+  ecr_repository_arns       = var.ecr_repository_arns
+  log_group_prefix          = "/enclave/"
+  tags                      = local.tags
 }
 
 resource "aws_lb" "engines" {

@@ -104,8 +104,13 @@ locals {
         Resource = [local.weights_objects]
       },
       {
+        Sid      = "WhereTheWeightsAre"
+        Action   = ["s3:GetBucketLocation"]
+        Resource = [var.weights_bucket_arn]
+      },
+      {
         Sid       = "ListTheWeights"
-        Action    = ["s3:ListBucket", "s3:GetBucketLocation"]
+        Action    = ["s3:ListBucket"]
         Resource  = [var.weights_bucket_arn]
         Condition = var.weights_prefix == "" ? {} : { StringLike = { "s3:prefix" = ["${var.weights_prefix}*"] } }
       },

@@ -94,3 +94,20 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "transit_gateway_id" {
+  description = "Transit gateway to the organisation's private networks (clients, monitoring, the mirror, shared services); null for none. Never a way out: the transit gateway's own route tables must hold no internet route."
+  type        = string
+  default     = null
+}
+
+variable "routed_cidrs" {
+  description = "Private networks outside the VPC reached through the transit gateway (e.g. the client, monitoring and mirror networks). 0.0.0.0/0 is refused."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.routed_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0" && !startswith(c, "0.0.0.0/")])
+    error_message = "Give private IPv4 CIDRs; a default route is refused."
+  }
+}

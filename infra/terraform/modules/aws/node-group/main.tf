@@ -4,6 +4,17 @@
 
 data "aws_partition" "current" {}
 
+# The AMI's own root device name, so the root volume mapping replaces the AMI's root disk
+# (a wrong name would add a blank disk and leave the root unencrypted by our key).
+#trivy:ignore:AVD-AWS-0344 looked up by its exact image id (given by the operator), not by name
+data "aws_ami" "image" {
+  #checkov:skip=CKV_AWS_386:looked up by its exact image id (given by the operator), not by a name pattern
+  filter {
+    name   = "image-id"
+    values = [var.image_id]
+  }
+}
+
 locals {
   partition  = data.aws_partition.current.partition
   log_group  = "${var.log_group_prefix}${var.name}"
@@ -72,7 +83,7 @@ resource "aws_iam_role_policy" "base" {
 }
 
 resource "aws_iam_role_policy" "extra" {
-  count = var.instance_policy_json == "" ? 0 : 1
+  count = var.attach_instance_policy ? 1 : 0
 
   name   = "role"
   role   = aws_iam_role.hosts.id
@@ -126,7 +137,7 @@ resource "aws_launch_template" "hosts" {
   }
 
   block_device_mappings {
-    device_name = var.root_device_name
+    device_name = data.aws_ami.image.root_device_name
 
     ebs {
       volume_type           = "gp3"
@@ -193,9 +204,12 @@ resource "aws_autoscaling_group" "hosts" {
 
     preferences {
       min_healthy_percentage = var.refresh_min_healthy_percentage
+      # new hosts launch before old ones go (a 2-host GPU fleet keeps 2 serving)
+      max_healthy_percentage = min(var.refresh_min_healthy_percentage + 100, 200)
       instance_warmup        = var.instance_warmup
       skip_matching          = true
-      auto_rollback          = true
+      # no auto_rollback: the provider sets the new template version on the group before the
+      # refresh starts, so a rollback would return to it (terraform-provider-aws#34189)
     }
   }
 

@@ -48,12 +48,6 @@ variable "volumes_kms_key_arn" {
   type        = string
 }
 
-variable "root_device_name" {
-  description = "Device name of the AMI's root volume (/dev/xvda on Amazon Linux, /dev/sda1 on Ubuntu and Debian)."
-  type        = string
-  default     = "/dev/sda1"
-}
-
 variable "root_volume_size_gb" {
   description = "Size of the root volume in GiB (the OS, the virtualenvs and vLLM's wheels)."
   type        = number
@@ -120,6 +114,12 @@ variable "instance_warmup" {
   description = "Seconds a new host needs before it serves (the refresh waits that long before the next batch)."
   type        = number
   default     = 600
+}
+
+variable "attach_instance_policy" {
+  description = "Attach instance_policy_json to the hosts' role (a separate flag: the policy's text may be unknown until apply)."
+  type        = bool
+  default     = false
 }
 
 variable "instance_policy_json" {
