@@ -139,6 +139,10 @@ class RelayResponse(Response):
                     await send({"type": "http.response.start", "status": 200,
                                 "headers": _SSE_HEADERS})
                 await send({"type": "http.response.body", "body": out, "more_body": True})
+                # Neither call suspends while the engine's bytes are buffered and the client's
+                # socket takes them: without a yield, one fast stream holds the event loop and
+                # every other request (admin, health checks, other streams) waits behind it.
+                await asyncio.sleep(0)
             rest = acct.flush()
             if not started:
                 await send({"type": "http.response.start", "status": 200,
