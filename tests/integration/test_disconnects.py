@@ -35,12 +35,12 @@ def snapshot(engines: Engines) -> tuple[float, float]:
 
 def assert_aborted_quickly(engines: Engines, before: tuple[float, float],
                            closed_at: float) -> None:
-    # 2 s was enough alone; a full run on 2 loaded cores once took 3.0 s (the gauge itself is
-    # read through the engine's /metrics, on the same busy engine).
+    # 2 s was enough alone; full runs on 2 loaded cores took 3.0 and 4.8 s (the gauge itself is
+    # read through the engine's /metrics, on the same busy engine). What proves the abort is
+    # below: the request never completes and generates well under its max_tokens.
     while engines.metric(DEP, "vllm:num_requests_running") > 0:
-        assert time.monotonic() - closed_at < 4.0, "still running 4 s after the disconnect"
+        assert time.monotonic() - closed_at < 10.0, "still running 10 s after the disconnect"
         time.sleep(0.05)
-    assert time.monotonic() - closed_at < 4.0
     finished, tokens = snapshot(engines)
     assert finished == before[0], "the request ran to completion: vLLM did not abort it"
     assert tokens - before[1] < MAX_TOKENS / 2
