@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 
 
-class Worker:
+class Worker(ABC):
     name = "worker"
     join_timeout_s = 2.0
 
@@ -13,8 +14,9 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    @abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """The thread's body: loop until ``self._stop`` is set."""
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
