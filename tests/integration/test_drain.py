@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,9 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from serving.settings import Settings
 from tests.conftest import Engines, gateway_settings, new_key, settings_env
-from tests.support import REPO, assert_openai_error, bearer
+from tests.support import REPO, GatewayProcess, assert_openai_error, bearer
 
 pytestmark = pytest.mark.engine
 DEPLOYMENT = "demo-chat-v1"
@@ -26,69 +24,48 @@ CHAT = {"model": "demo-chat", "max_tokens": 8,
 LONG = {**CHAT, "max_tokens": 1500, "ignore_eos": True, "n": 4}
 
 
-class ProcessGateway:
-    """`enclave gateway` as a process of its own. The in-thread gateway shares the test
-    process's GIL with the polling loop and the request threads; in full runs its admin
-    answers were seen to wait seconds behind them, which hides what these tests watch."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.url = f"http://127.0.0.1:{settings.port}"
-        env = {**settings_env(settings), "ENCLAVE_PORT": str(settings.port),
-               "ENCLAVE_ENGINE_HEALTH_INTERVAL_S": "0.5"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "serving.cli.main", "gateway"],
-                                     env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None, "the gateway process exited"
-            time.sleep(0.2)
-        raise RuntimeError("the gateway process did not get ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
-def gateway(engines: Engines, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcessGateway]:
-    gw = ProcessGateway(gateway_settings(tmp_path_factory.mktemp("drain"), engines.models_dir))
+def gateway(engines: Engines, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway process of its own: the in-thread one shares the test process's GIL with the
+    polling loop and the request threads, which in full runs delayed its admin answers."""
+    root = tmp_path_factory.mktemp("drain")
+    settings = gateway_settings(root, engines.models_dir)
+    gw = GatewayProcess(settings, settings_env(settings), root / "gateway.log").start()
     try:
+        deadline = time.monotonic() + 60  # its engines healthy in its own view
+        while httpx.get(gw.url + "/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the gateway never saw its engines healthy"
+            time.sleep(0.2)
         yield gw
     finally:
         gw.stop()
 
 
 @pytest.fixture(scope="module")
-def api_key(gateway: ProcessGateway) -> str:
+def api_key(gateway: GatewayProcess) -> str:
     return new_key(gateway.settings, "tests")
 
 
 @pytest.fixture(scope="module")
-def admin_key(gateway: ProcessGateway) -> str:
+def admin_key(gateway: GatewayProcess) -> str:
     return new_key(gateway.settings, "operators", "admin")
 
 
 @pytest.fixture
-def undrained(gateway: ProcessGateway, admin_key: str) -> Iterator[None]:
+def undrained(gateway: GatewayProcess, admin_key: str) -> Iterator[None]:
     yield
     httpx.post(f"{gateway.url}/admin/v1/engines/{DEPLOYMENT}/undrain",
                headers=bearer(admin_key), timeout=10)
 
 
-def engines(gateway: ProcessGateway, admin_key: str) -> dict[str, dict[str, object]]:
+def engines(gateway: GatewayProcess, admin_key: str) -> dict[str, dict[str, object]]:
     resp = httpx.get(f"{gateway.url}/admin/v1/engines", headers=bearer(admin_key), timeout=10)
     assert resp.status_code == 200
     return {e["deployment"]: e for e in resp.json()["data"]}
 
 
 def test_a_drained_engine_gets_no_new_requests_until_undrained(
-        gateway: ProcessGateway, admin_key: str, api_key: str, undrained: None) -> None:
+        gateway: GatewayProcess, admin_key: str, api_key: str, undrained: None) -> None:
     drained = httpx.post(f"{gateway.url}/admin/v1/engines/{DEPLOYMENT}/drain",
                          headers=bearer(admin_key), timeout=10)
     assert drained.status_code == 200 and drained.json()["draining"] is True
@@ -105,7 +82,7 @@ def test_a_drained_engine_gets_no_new_requests_until_undrained(
                       headers=bearer(api_key), timeout=60).status_code == 200
 
 
-def _watch_a_long_request(gateway: ProcessGateway, admin_key: str,
+def _watch_a_long_request(gateway: GatewayProcess, admin_key: str,
                           api_key: str) -> tuple[int, dict[str, object], list[object]]:
     """Send LONG (not streamed) and poll the admin API until it shows it in flight."""
     done = threading.Event()
@@ -131,7 +108,7 @@ def _watch_a_long_request(gateway: ProcessGateway, admin_key: str,
 
 
 def test_a_non_streamed_request_counts_in_flight_while_it_generates(
-        gateway: ProcessGateway, admin_key: str, api_key: str) -> None:
+        gateway: GatewayProcess, admin_key: str, api_key: str) -> None:
     """vLLM sends a non-streamed answer's headers only at the end: drain must see it before."""
     assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
     # Seeing it is a race between the admin polls and the request on a 2-core machine: one
@@ -149,7 +126,7 @@ def test_a_non_streamed_request_counts_in_flight_while_it_generates(
 
 
 def test_drain_needs_the_admin_scope_and_a_known_deployment(
-        gateway: ProcessGateway, admin_key: str, api_key: str) -> None:
+        gateway: GatewayProcess, admin_key: str, api_key: str) -> None:
     url = f"{gateway.url}/admin/v1/engines/{DEPLOYMENT}/drain"
     assert_openai_error(httpx.post(url, headers=bearer(api_key), timeout=10), 403)
     assert_openai_error(httpx.post(url, timeout=10), 401)
@@ -159,7 +136,7 @@ def test_drain_needs_the_admin_scope_and_a_known_deployment(
     assert engines(gateway, admin_key)[DEPLOYMENT]["draining"] is False
 
 
-def _long_stream(gateway: ProcessGateway, api_key: str, result: dict[str, object]) -> None:
+def _long_stream(gateway: GatewayProcess, api_key: str, result: dict[str, object]) -> None:
     body = {**LONG, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
                       headers=bearer(api_key), timeout=120) as resp:
@@ -169,7 +146,7 @@ def _long_stream(gateway: ProcessGateway, api_key: str, result: dict[str, object
 
 
 def test_patch_dry_run_drains_waits_for_in_flight_and_undrains(
-        gateway: ProcessGateway, admin_key: str, api_key: str, undrained: None) -> None:
+        gateway: GatewayProcess, admin_key: str, api_key: str, undrained: None) -> None:
     assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
     # Seeing the stream in flight races the admin polls on 2 loaded cores (full runs missed it
     # about one time in three); up to three streams, each miss reported.
