@@ -14,6 +14,7 @@ import time
 import httpx
 
 from serving.cli.common import console
+from serving.engines.supervisor import state_file
 from serving.settings import Settings
 
 START_TIMEOUT_S = 20.0  # NVML's initialisation can take seconds without persistence mode
@@ -37,7 +38,7 @@ class ExporterProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "monitoring.exporter", "--host", "127.0.0.1",
                  "--port", str(self.settings.exporter_port),
-                 "--engines-file", str(self.settings.run_dir / "engines.json")],
+                 "--engines-file", str(state_file(self.settings.run_dir))],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         # Wait until it answers as itself: a port held by another exporter (DCGM's uses 9400
         # too) answers, but without our metrics; ours exits then.

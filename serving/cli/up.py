@@ -14,7 +14,7 @@ from serving.cli.common import Store, console, fail, load_settings, stdout, with
 from serving.cli.models import build_demo_model, ensure_engine_env
 from serving.cli.sidecar import ExporterProcess
 from serving.engines.sources import resolve_model_dir
-from serving.engines.supervisor import Supervisor, WeightsError
+from serving.engines.supervisor import Supervisor, WeightsError, state_file
 from serving.services.auth import IssuedKey
 from serving.settings import Settings
 from serving.storage.manifests import ManifestError, load_manifests
@@ -153,11 +153,11 @@ def engines_setup() -> None:
 def engines_health() -> None:
     """Exit 0 when every engine the supervisor runs is healthy (a container's health check)."""
     settings = load_settings()
-    state_file = settings.run_dir / "engines.json"
+    path = state_file(settings.run_dir)
     try:
-        states = json.loads(state_file.read_text())
+        states = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        fail(f"no engine state in {state_file} ({exc}); is `enclave engines run` running?")
+        fail(f"no engine state in {path} ({exc}); is `enclave engines run` running?")
     unhealthy = []
     for name, engine in sorted(states.items()):
         stdout.print(f"{name} {engine.get('state')} {engine.get('url')}", markup=False)

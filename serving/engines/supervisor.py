@@ -135,6 +135,11 @@ class EngineProcess:
         ]
 
 
+def state_file(run_dir: Path) -> Path:
+    """Where the supervisor publishes its engines' state (the exporter and the CLI read it)."""
+    return run_dir / "engines.json"
+
+
 class Supervisor:
     def __init__(self, deployments: list[Deployment], env: EngineEnvironment,
                  resolve_dir: Callable[[Deployment], Path], run_dir: Path,
@@ -150,7 +155,7 @@ class Supervisor:
 
     @property
     def state_file(self) -> Path:
-        return self.run_dir / "engines.json"
+        return state_file(self.run_dir)
 
     def verify(self) -> None:
         for engine in self.engines:
