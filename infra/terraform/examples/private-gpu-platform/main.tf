@@ -50,41 +50,30 @@ module "network" {
 module "gpu_fleet" {
   source = "../../modules/aws/gpu-fleet"
 
-  name                        = var.name
-  vpc_id                      = module.network.vpc_id
-  vpc_cidr_block              = module.network.vpc_cidr_block
-  subnet_ids                  = module.network.private_subnet_ids
-  subnet_cidrs                = module.network.private_subnet_cidrs
-  endpoints_security_group_id = module.network.endpoints_security_group_id
-  s3_prefix_list_id           = module.network.s3_prefix_list_id
-  dns_resolver                = module.network.dns_resolver
-  gateway_security_group_id   = module.gateway.gateway_security_group_id
-  engine_ports                = var.engine_ports
-  monitoring_cidrs            = var.monitoring_cidrs
-  mirror_cidrs                = var.mirror_cidrs
-  image_id                    = var.gpu_image_id
-  instance_type               = var.gpu_instance_type
-  min_size                    = var.gpu_hosts
-  desired_capacity            = var.gpu_hosts
-  max_size                    = var.gpu_hosts + 1
-  weights_bucket_arn          = var.weights_bucket_arn
-  weights_prefix              = var.weights_prefix
-  weights_kms_key_arn         = var.weights_kms_key_arn
-  volumes_kms_key_arn         = module.volumes_key.key_arn
-  logs_kms_key_arn            = module.logs_key.key_arn
-  bootstrap                   = local.bootstrap
+  name                      = var.name
+  network                   = module.network.hosts
+  gateway_security_group_id = module.gateway.gateway_security_group_id
+  engine_ports              = var.engine_ports
+  monitoring_cidrs          = var.monitoring_cidrs
+  mirror_cidrs              = var.mirror_cidrs
+  image_id                  = var.gpu_image_id
+  instance_type             = var.gpu_instance_type
+  min_size                  = var.gpu_hosts
+  desired_capacity          = var.gpu_hosts
+  max_size                  = var.gpu_hosts + 1
+  weights_bucket_arn        = var.weights_bucket_arn
+  weights_prefix            = var.weights_prefix
+  weights_kms_key_arn       = var.weights_kms_key_arn
+  volumes_kms_key_arn       = module.volumes_key.key_arn
+  logs_kms_key_arn          = module.logs_key.key_arn
+  bootstrap                 = local.bootstrap
 }
 
 module "gateway" {
   source = "../../modules/aws/gateway"
 
   name                        = var.name
-  vpc_id                      = module.network.vpc_id
-  vpc_cidr_block              = module.network.vpc_cidr_block
-  subnet_ids                  = module.network.private_subnet_ids
-  subnet_cidrs                = module.network.private_subnet_cidrs
-  endpoints_security_group_id = module.network.endpoints_security_group_id
-  dns_resolver                = module.network.dns_resolver
+  network                     = module.network.hosts
   client_cidrs                = var.client_cidrs
   certificate_arn             = var.certificate_arn
   access_logs_bucket          = var.access_logs_bucket

@@ -9,10 +9,6 @@ locals {
   tags         = merge(var.tags, { "enclave:environment" = var.name, "enclave:role" = "gateway" })
   region       = data.aws_region.current.name
   engine_ports = { for p in var.engine_ports : tostring(p) => p }
-  monitoring_rules = {
-    for pair in setproduct(var.monitoring_cidrs, [var.gateway_port, 9100]) :
-    "${pair[0]}:${pair[1]}" => { cidr = pair[0], port = pair[1] }
-  }
 }
 
 module "bootstrap" {
@@ -25,17 +21,17 @@ module "bootstrap" {
   firewall = {
     # the load balancer keeps the client's address, and its health checks come from its
     # own addresses in the subnets
-    client_cidrs     = join(" ", concat(var.client_cidrs, var.subnet_cidrs))
-    engine_addrs     = join(" ", var.subnet_cidrs)
+    client_cidrs     = join(" ", concat(var.client_cidrs, var.network.subnet_cidrs))
+    engine_addrs     = join(" ", var.network.subnet_cidrs)
     engine_ports     = join(" ", var.engine_ports)
     gateway_port     = tostring(var.gateway_port)
     monitoring_cidrs = join(" ", var.monitoring_cidrs)
     admin_cidrs      = "none" # Session Manager, not ssh
-    dns              = var.dns_resolver
+    dns              = var.network.dns_resolver
     ntp              = "169.254.169.123" # the Amazon Time Sync Service
     mirrors          = join(" ", var.mirror_cidrs)
     services = join(" ", concat(
-      ["${var.vpc_cidr_block}:443", "169.254.169.254:80"],
+      ["${var.network.vpc_cidr_block}:443", "169.254.169.254:80"],
       [for s in var.services : "${s.cidr}:${s.port}"],
     ))
   }
@@ -71,32 +67,36 @@ data "aws_iam_policy_document" "gateways" {
 module "hosts" {
   source = "../node-group"
 
-  name                      = "${var.name}-gateways"
-  subnet_ids                = var.subnet_ids
-  security_group_ids        = [aws_security_group.gateways.id]
-  image_id                  = var.image_id
-  instance_type             = var.instance_type
-  user_data                 = module.bootstrap.user_data
-  volumes_kms_key_arn       = var.volumes_kms_key_arn
-  logs_kms_key_arn          = var.logs_kms_key_arn
-  root_volume_size_gb       = 30
-  min_size                  = var.min_size
-  max_size                  = var.max_size
-  desired_capacity          = var.desired_capacity
-  target_group_arns         = [aws_lb_target_group.gateways.arn]
-  health_check_grace_period = 300
-  instance_warmup           = 120
-  attach_instance_policy    = true
-  instance_policy_json      = data.aws_iam_policy_document.gateways.json
-  log_group_prefix          = "/enclave/"
-  tags                      = local.tags
+  name                        = "${var.name}-gateways"
+  subnet_ids                  = var.network.subnet_ids
+  vpc_id                      = var.network.vpc_id
+  endpoints_security_group_id = var.network.endpoints_security_group_id
+  mirror_cidrs                = var.mirror_cidrs
+  monitoring_cidrs            = var.monitoring_cidrs
+  metrics_ports               = [var.gateway_port, 9100]
+  image_id                    = var.image_id
+  instance_type               = var.instance_type
+  user_data                   = module.bootstrap.user_data
+  volumes_kms_key_arn         = var.volumes_kms_key_arn
+  logs_kms_key_arn            = var.logs_kms_key_arn
+  root_volume_size_gb         = 30
+  min_size                    = var.min_size
+  max_size                    = var.max_size
+  desired_capacity            = var.desired_capacity
+  target_group_arns           = [aws_lb_target_group.gateways.arn]
+  health_check_grace_period   = 300
+  instance_warmup             = 120
+  attach_instance_policy      = true
+  instance_policy_json        = data.aws_iam_policy_document.gateways.json
+  log_group_prefix            = "/enclave/"
+  tags                        = local.tags
 }
 
 resource "aws_lb" "api" {
   name                             = "${var.name}-api"
   internal                         = true
   load_balancer_type               = "network"
-  subnets                          = var.subnet_ids
+  subnets                          = var.network.subnet_ids
   security_groups                  = [aws_security_group.lb.id]
   enable_cross_zone_load_balancing = true
   enable_deletion_protection       = true
@@ -112,7 +112,7 @@ resource "aws_lb" "api" {
 
 resource "aws_lb_target_group" "gateways" {
   name                 = "${var.name}-gateways"
-  vpc_id               = var.vpc_id
+  vpc_id               = var.network.vpc_id
   port                 = var.gateway_port
   protocol             = "TCP"
   target_type          = "instance"

@@ -10,7 +10,7 @@ output "api_zone_id" {
 
 output "gateway_security_group_id" {
   description = "Security group of the gateway hosts (gpu-fleet admits it to the engines)."
-  value       = aws_security_group.gateways.id
+  value       = module.hosts.security_group_id
 }
 
 output "secret_arns" {

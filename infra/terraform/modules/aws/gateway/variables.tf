@@ -8,34 +8,17 @@ variable "name" {
   }
 }
 
-variable "vpc_id" {
-  description = "The private VPC (network module)."
-  type        = string
-}
-
-variable "vpc_cidr_block" {
-  description = "IPv4 range of the VPC: the host firewall lets the gateways reach the interface endpoints in it on 443."
-  type        = string
-}
-
-variable "subnet_ids" {
-  description = "Private subnets, one per availability zone, for the load balancer and the gateway hosts."
-  type        = list(string)
-}
-
-variable "subnet_cidrs" {
-  description = "IPv4 ranges of those subnets (the host firewall admits the load balancer's health checks and traffic from them, and lets the gateways reach the engine load balancer there)."
-  type        = list(string)
-}
-
-variable "endpoints_security_group_id" {
-  description = "Security group of the VPC interface endpoints (network module)."
-  type        = string
-}
-
-variable "dns_resolver" {
-  description = "The VPC's DNS resolver address (network module)."
-  type        = string
+variable "network" {
+  description = "Where the hosts go: the network module's `hosts` output (VPC, private subnets and their ranges, the endpoints' security group, the S3 prefix list, the DNS resolver)."
+  type = object({
+    vpc_id                      = string
+    vpc_cidr_block              = string
+    subnet_ids                  = list(string)
+    subnet_cidrs                = list(string)
+    endpoints_security_group_id = string
+    s3_prefix_list_id           = string
+    dns_resolver                = string
+  })
 }
 
 variable "client_cidrs" {

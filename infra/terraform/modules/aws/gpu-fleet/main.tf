@@ -5,12 +5,8 @@
 data "aws_region" "current" {}
 
 locals {
-  tags  = merge(var.tags, { "enclave:environment" = var.name, "enclave:role" = "engine" })
-  ports = { for p in var.engine_ports : tostring(p) => p }
-  monitoring_rules = {
-    for pair in setproduct(var.monitoring_cidrs, concat(var.engine_ports, [var.exporter_port, var.node_exporter_port])) :
-    "${pair[0]}:${pair[1]}" => { cidr = pair[0], port = pair[1] }
-  }
+  tags   = merge(var.tags, { "enclave:environment" = var.name, "enclave:role" = "engine" })
+  ports  = { for p in var.engine_ports : tostring(p) => p }
   region = data.aws_region.current.name
 }
 
@@ -22,17 +18,17 @@ module "bootstrap" {
   enclave_version = var.bootstrap.enclave_version
   release_sha256  = var.bootstrap.release_sha256
   firewall = {
-    gateway_addrs      = join(" ", var.subnet_cidrs)
+    gateway_addrs      = join(" ", var.network.subnet_cidrs)
     engine_ports       = join(" ", var.engine_ports)
     exporter_port      = tostring(var.exporter_port)
     node_exporter_port = tostring(var.node_exporter_port)
     monitoring_cidrs   = join(" ", var.monitoring_cidrs)
     admin_cidrs        = "none" # Session Manager, not ssh
-    dns                = var.dns_resolver
+    dns                = var.network.dns_resolver
     ntp                = "169.254.169.123" # the Amazon Time Sync Service
     mirrors            = join(" ", var.mirror_cidrs)
     # the interface endpoints, and the instance metadata service (IMDSv2) for the role's credentials
-    services = "${var.vpc_cidr_block}:443 169.254.169.254:80"
+    services = "${var.network.vpc_cidr_block}:443 169.254.169.254:80"
   }
   environment = {
     ENCLAVE_LOG_LEVEL = "INFO"
@@ -80,20 +76,24 @@ data "aws_iam_policy_document" "engines" {
 module "hosts" {
   source = "../node-group"
 
-  name                = "${var.name}-engines"
-  subnet_ids          = var.subnet_ids
-  security_group_ids  = [aws_security_group.engines.id]
-  image_id            = var.image_id
-  instance_type       = var.instance_type
-  user_data           = module.bootstrap.user_data
-  volumes_kms_key_arn = var.volumes_kms_key_arn
-  logs_kms_key_arn    = var.logs_kms_key_arn
-  root_volume_size_gb = var.root_volume_size_gb
-  data_volume_size_gb = var.data_volume_size_gb
-  min_size            = var.min_size
-  max_size            = var.max_size
-  desired_capacity    = var.desired_capacity
-  target_group_arns   = [for tg in aws_lb_target_group.engines : tg.arn]
+  name                        = "${var.name}-engines"
+  subnet_ids                  = var.network.subnet_ids
+  vpc_id                      = var.network.vpc_id
+  endpoints_security_group_id = var.network.endpoints_security_group_id
+  mirror_cidrs                = var.mirror_cidrs
+  monitoring_cidrs            = var.monitoring_cidrs
+  metrics_ports               = concat(var.engine_ports, [var.exporter_port, var.node_exporter_port])
+  image_id                    = var.image_id
+  instance_type               = var.instance_type
+  user_data                   = module.bootstrap.user_data
+  volumes_kms_key_arn         = var.volumes_kms_key_arn
+  logs_kms_key_arn            = var.logs_kms_key_arn
+  root_volume_size_gb         = var.root_volume_size_gb
+  data_volume_size_gb         = var.data_volume_size_gb
+  min_size                    = var.min_size
+  max_size                    = var.max_size
+  desired_capacity            = var.desired_capacity
+  target_group_arns           = [for tg in aws_lb_target_group.engines : tg.arn]
   # one host at a time out of a small GPU fleet: with 2 hosts, 50% keeps one serving
   refresh_min_healthy_percentage = 50
   instance_warmup                = 900
@@ -111,7 +111,7 @@ resource "aws_lb" "engines" {
   name                             = "${var.name}-engines"
   internal                         = true
   load_balancer_type               = "network"
-  subnets                          = var.subnet_ids
+  subnets                          = var.network.subnet_ids
   security_groups                  = [aws_security_group.engine_lb.id]
   enable_cross_zone_load_balancing = true
   enable_deletion_protection       = true
@@ -122,7 +122,7 @@ resource "aws_lb_target_group" "engines" {
   for_each = local.ports
 
   name                 = "${var.name}-engine-${each.key}"
-  vpc_id               = var.vpc_id
+  vpc_id               = var.network.vpc_id
   port                 = each.value
   protocol             = "TCP"
   target_type          = "instance"

@@ -5,7 +5,7 @@ output "engine_host" {
 
 output "engine_security_group_id" {
   description = "Security group of the GPU hosts."
-  value       = aws_security_group.engines.id
+  value       = module.hosts.security_group_id
 }
 
 output "engine_lb_security_group_id" {

@@ -8,39 +8,17 @@ variable "name" {
   }
 }
 
-variable "vpc_id" {
-  description = "The private VPC (network module)."
-  type        = string
-}
-
-variable "vpc_cidr_block" {
-  description = "IPv4 range of the VPC: the host firewall lets the hosts reach the interface endpoints in it on 443."
-  type        = string
-}
-
-variable "subnet_ids" {
-  description = "Private subnets, one per availability zone (network module)."
-  type        = list(string)
-}
-
-variable "subnet_cidrs" {
-  description = "IPv4 ranges of those subnets: the host firewall admits engine traffic from them (the engine load balancer and the gateways live there); the security groups narrow it to the gateways."
-  type        = list(string)
-}
-
-variable "endpoints_security_group_id" {
-  description = "Security group of the VPC interface endpoints (network module)."
-  type        = string
-}
-
-variable "s3_prefix_list_id" {
-  description = "Prefix list of the S3 gateway endpoint (network module), for reading the weights."
-  type        = string
-}
-
-variable "dns_resolver" {
-  description = "The VPC's DNS resolver address (network module)."
-  type        = string
+variable "network" {
+  description = "Where the hosts go: the network module's `hosts` output (VPC, private subnets and their ranges, the endpoints' security group, the S3 prefix list, the DNS resolver)."
+  type = object({
+    vpc_id                      = string
+    vpc_cidr_block              = string
+    subnet_ids                  = list(string)
+    subnet_cidrs                = list(string)
+    endpoints_security_group_id = string
+    s3_prefix_list_id           = string
+    dns_resolver                = string
+  })
 }
 
 variable "gateway_security_group_id" {
@@ -73,21 +51,11 @@ variable "node_exporter_port" {
 variable "monitoring_cidrs" {
   description = "Where Prometheus runs: may scrape the engines' /metrics, the GPU exporter and the node exporter, nothing else."
   type        = list(string)
-
-  validation {
-    condition     = alltrue([for c in var.monitoring_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
-    error_message = "Give IPv4 CIDRs, not 0.0.0.0/0."
-  }
 }
 
 variable "mirror_cidrs" {
   description = "Where the internal package mirror answers (HTTPS)."
   type        = list(string)
-
-  validation {
-    condition     = length(var.mirror_cidrs) > 0 && alltrue([for c in var.mirror_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
-    error_message = "Give the mirror's IPv4 CIDRs, not 0.0.0.0/0."
-  }
 }
 
 variable "image_id" {

@@ -133,7 +133,7 @@ resource "aws_launch_template" "hosts" {
     device_index                = 0
     associate_public_ip_address = false
     delete_on_termination       = true
-    security_groups             = var.security_group_ids
+    security_groups             = [aws_security_group.hosts.id]
   }
 
   block_device_mappings {

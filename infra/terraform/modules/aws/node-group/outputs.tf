@@ -22,3 +22,8 @@ output "log_group_name" {
   description = "The hosts' CloudWatch log group."
   value       = aws_cloudwatch_log_group.hosts.name
 }
+
+output "security_group_id" {
+  description = "The hosts' security group: add the role's own rules to it."
+  value       = aws_security_group.hosts.id
+}

@@ -18,9 +18,39 @@ variable "subnet_ids" {
   }
 }
 
-variable "security_group_ids" {
-  description = "Security groups of the hosts' network interface."
+variable "vpc_id" {
+  description = "The VPC of the hosts' security group."
+  type        = string
+}
+
+variable "endpoints_security_group_id" {
+  description = "Security group of the VPC interface endpoints: every host may reach them on 443."
+  type        = string
+}
+
+variable "mirror_cidrs" {
+  description = "Where the internal package mirror answers: every host may reach it on 443."
   type        = list(string)
+
+  validation {
+    condition     = length(var.mirror_cidrs) > 0 && alltrue([for c in var.mirror_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "Give the mirror's IPv4 CIDRs, not 0.0.0.0/0."
+  }
+}
+
+variable "monitoring_cidrs" {
+  description = "Where Prometheus runs: may reach metrics_ports on the hosts, nothing else."
+  type        = list(string)
+
+  validation {
+    condition     = alltrue([for c in var.monitoring_cidrs : can(cidrhost(c, 0)) && c != "0.0.0.0/0"])
+    error_message = "Give IPv4 CIDRs, not 0.0.0.0/0."
+  }
+}
+
+variable "metrics_ports" {
+  description = "The hosts' metrics ports (the node exporter's, and the role's own)."
+  type        = list(number)
 }
 
 variable "image_id" {
