@@ -99,6 +99,29 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     access_log: bool = True
 
+    audit_dir: Path | None = Field(
+        None, description="The audit trail (hash-chained segments, signed checkpoints); "
+        "default <data_dir>/audit")
+    audit_keys_dir: Path | None = Field(
+        None, description="AES-256-GCM keys for encrypted audit content, one <key_id>.key "
+        "file each (mode 0600); default <data_dir>/audit-keys")
+    audit_key_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The key that encrypts new "
+        "content; default the newest key in audit_keys_dir")
+    audit_signing_key_file: Path | None = Field(
+        None, description="The Ed25519 key that signs checkpoints; default "
+        "<data_dir>/audit-signing.key (created at first start, mode 0600)")
+    audit_checkpoint_every: int = Field(256, ge=1, description="Records between checkpoints")
+    audit_checkpoint_interval_s: float = Field(
+        10.0, gt=0, description="A checkpoint at least this often while records arrive")
+    audit_fsync_interval_s: float = Field(
+        1.0, ge=0, description="fsync the audit trail at most this long after a write; 0: "
+        "fsync every batch before requests are answered")
+    audit_segment_bytes: int = Field(64 << 20, ge=1 << 16)
+    audit_retention_days: int | None = Field(
+        None, ge=1, description="Purge whole segments older than this; none: keep all")
+    audit_queue_size: int = Field(10000, ge=16)
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
         if self.pepper is not None and self.pepper_file is not None:
@@ -127,6 +150,18 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def resolved_audit_dir(self) -> Path:
+        return self.audit_dir or self.data_dir / "audit"
+
+    @property
+    def resolved_audit_keys_dir(self) -> Path:
+        return self.audit_keys_dir or self.data_dir / "audit-keys"
+
+    @property
+    def resolved_audit_signing_key_file(self) -> Path:
+        return self.audit_signing_key_file or self.data_dir / "audit-signing.key"
 
     @property
     def engine_env_dir(self) -> Path:
