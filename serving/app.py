@@ -17,11 +17,13 @@ from serving.metrics import GatewayMetrics
 from serving.routes import admin, handlers, inference, oauth, ops
 from serving.routes.middleware import RequestMiddleware
 from serving.services.admission import Gatekeeper
+from serving.services.audit import AuditTrail
 from serving.services.auth import KeyService
 from serving.services.budgets import BudgetLedger
 from serving.services.clients import ClientService
 from serving.services.engines import EnginePool
 from serving.services.policy import PolicyStore
+from serving.services.protection import Protector
 from serving.services.proxy import Upstream, new_session
 from serving.services.ratelimits import RateLimiter
 from serving.services.tokens import ExternalIdP, TokenIssuer, TokenVerifier, check_jwks_url
@@ -54,9 +56,11 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
     metrics = GatewayMetrics()
     pool = EnginePool(manifests, engine_host=engine_host)
     policies = PolicyStore(settings.policies_file, set(pool.routes))  # raises PolicyError
+    trail = AuditTrail(settings, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        trail.start()  # refuses to start when the trail cannot be opened
         db = create_engine(settings.resolved_database_url)
         if settings.auto_migrate:
             before, now = await migrate.upgrade(db)
@@ -88,6 +92,8 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
         app.state.token_issuer = issuer
         app.state.tokens = TokenVerifier(issuer, external, client)
         app.state.gate = Gatekeeper(policies, limiter, ledger, metrics)
+        app.state.protector = Protector(metrics)
+        app.state.audit = trail
         app.state.upstream = Upstream(session, pool, retry_after_s=settings.retry_after_s,
                                       connect_retries=settings.upstream_connect_retries)
         await pool.check_all(client)
@@ -120,6 +126,7 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
             await client.aclose()
             await session.close()
             await db.dispose()
+            await trail.close()  # the last records, a signed checkpoint, fsync
 
     app = FastAPI(title="Enclave gateway", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -129,7 +136,7 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
     app.include_router(admin.router)
     app.include_router(ops.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log,
-                       direct=inference.DIRECT)
+                       direct=inference.DIRECT, audit=trail)
     return app
 
 

@@ -11,7 +11,8 @@
     │   ├── RateLimited               (429 rate_limit_exceeded)
     │   │   └── QuotaExceeded         (429 insufficient_quota)
     │   ├── EngineUnavailable         (503 engine_unavailable)
-    │   └── StoreUnavailable          (503 state_store_unavailable)
+    │   ├── StoreUnavailable          (503 state_store_unavailable)
+    │   └── AuditUnavailable          (503 audit_unavailable)
     ├── EngineTimeout                 (504)
     └── EngineBadResponse             (502)
 
@@ -113,6 +114,12 @@ class StoreUnavailable(RetryLater):
     status = 503
     type = "service_unavailable"
     code = "state_store_unavailable"
+
+
+class AuditUnavailable(RetryLater):
+    status = 503
+    type = "service_unavailable"
+    code = "audit_unavailable"
 
 
 class EngineTimeout(GatewayError):

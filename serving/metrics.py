@@ -45,6 +45,18 @@ class GatewayMetrics:
         self.client_tokens = Counter(
             "enclave_client_tokens", "Tokens charged to a client's budget, by model.",
             ["client", "model"], registry=r)
+        self.guard_decisions = Counter(
+            "enclave_guard_decisions", "Guard decisions by guard (pii_input, pii_output, "
+            "injection, tools, caps), action (allow, redact, flag, block) and type (a personal "
+            "data type, an injection signal, a parameter): never a value.",
+            ["guard", "action", "type"], registry=r)
+        self.audit_records = Counter(
+            "enclave_audit_records", "Audit records written.", registry=r)
+        self.audit_failures = Counter(
+            "enclave_audit_write_failures", "Audit batches that could not be written.",
+            registry=r)
+        self.audit_queue = Gauge(
+            "enclave_audit_queue", "Audit records waiting to be written.", registry=r)
         self.client_disconnects = Counter(
             "enclave_client_disconnects", "Requests the client abandoned before the end.",
             ["endpoint", "model"], registry=r)

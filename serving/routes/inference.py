@@ -14,13 +14,15 @@ from fastapi import APIRouter, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.deps import Pool, authenticate
-from serving.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from serving.errors import AuditUnavailable, GatewayError, InvalidRequest, PayloadTooLarge
 from serving.responses import JSONResponse
 from serving.routes.middleware import context
 from serving.routes.relay import RelayResponse, send_error
 from serving.services import requests
 from serving.services.admission import Gatekeeper
+from serving.services.audit import AuditTrail
 from serving.services.engines import EnginePool
+from serving.services.protection import Decisions, Protector
 from serving.services.proxy import Upstream
 
 router = APIRouter()
@@ -50,6 +52,10 @@ async def _forward(request: Request, endpoint: str) -> RelayResponse:
     # a measurable share of a proxied request (see README, benchmark).
     principal = await authenticate(request)
     state = request.app.state
+    trail: AuditTrail = state.audit
+    if not trail.healthy:
+        raise AuditUnavailable("The audit trail cannot be written; requests are refused "
+                               "until it can. Retry shortly.", 5)
     gate: Gatekeeper = state.gate
     policy = gate.authorize(principal, endpoint)
     pool: EnginePool = state.pool
@@ -63,9 +69,17 @@ async def _forward(request: Request, endpoint: str) -> RelayResponse:
     route, pinned = requests.resolve_model(payload, pool)
     gate.check_model(principal, policy, route, payload["model"])
     ctx.model = route.name
+    ctx.policy = policy
     changed, cost = gate.apply_caps(policy, payload, endpoint, route, len(raw))
-    parsed = requests.validate(payload, raw, endpoint, route, pinned, changed)
+    protector: Protector = state.protector
+    ctx.decisions = Decisions()
+    inspection = protector.inspect(policy, payload, endpoint, ctx.decisions)
+    ctx.request_text = inspection.request_text
+    parsed = requests.validate(payload, raw, endpoint, route, pinned,
+                               changed or inspection.changed)
     ctx.stream = parsed.stream
+    if endpoint != "embeddings":
+        ctx.output = protector.output_filter(policy, inspection)
     admission = await gate.admit(principal, policy, route.name, cost)
     return RelayResponse(upstream, parsed, ctx, gate, admission)
 

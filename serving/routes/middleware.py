@@ -15,9 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving import logs
 from serving.logs import request_id_var
 from serving.metrics import GatewayMetrics
+from serving.services.audit import AUDITED, AuditTrail, build_record
 from serving.services.context import RequestContext
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 CONTEXT_KEY = "enclave.ctx"
 ENDPOINTS = {
     "/v1/chat/completions": "chat",
@@ -40,9 +42,11 @@ def context(scope: Scope) -> RequestContext:
 
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, access_log: bool = True,
-                 direct: dict[str, ASGIApp] | None = None) -> None:
+                 direct: dict[str, ASGIApp] | None = None,
+                 audit: AuditTrail | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.audit = audit
         self.access_log = access_log
         # POST paths answered by their own ASGI app, past FastAPI's routing (the hot path).
         self.direct = direct or {}
@@ -60,13 +64,25 @@ class RequestMiddleware:
         token = request_id_var.set(request_id)
         status = 500
         header_value = request_id.encode()
+        audit = self.audit if endpoint in AUDITED and scope["method"] == "POST" else None
+        audited = False
+        if audit is not None:
+            ctx.trace_id = _trace_id(scope)
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, audited
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []),
                                       (b"x-request-id", header_value)]
+            elif (audit is not None and message["type"] == "http.response.body"
+                  and not message.get("more_body")):
+                # The record is written before the client sees the end of the answer.
+                audited = True
+                try:
+                    await audit.record(build_record(ctx, status))
+                except OSError:
+                    pass  # the trail logs it, keeps the record queued and refuses new requests
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -75,6 +91,8 @@ class RequestMiddleware:
             await (target or self.app)(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
+            if audit is not None and not audited:  # the client left, or the request failed
+                await audit.record(build_record(ctx, status), wait=False)
             self._record(scope, ctx, status)
             request_id_var.reset(token)
 
@@ -115,6 +133,14 @@ class RequestMiddleware:
             if ctx.client_disconnected:
                 extra["client_disconnected"] = True
             logs.access(extra)
+
+
+def _trace_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"traceparent":
+            match = _TRACEPARENT.match(value.decode("latin-1").strip())
+            return match.group(1) if match else None
+    return None
 
 
 def _request_id(scope: Scope) -> str:

@@ -19,20 +19,24 @@ async def healthz() -> JSONResponse:
 
 
 @router.get("/readyz")
-async def readyz(pool: Pool) -> JSONResponse:
+async def readyz(request: Request, pool: Pool) -> JSONResponse:
     engines = {e.name: {"model": e.deployment.model, "healthy": e.healthy,
                         **({"draining": True} if e.draining else {}),
                         **({"error": e.last_error} if e.last_error else {})}
                for e in pool.engines}
     models = {name: any(e.healthy for e in route.engines) for name, route in pool.routes.items()}
-    ready = bool(models) and all(models.values())
+    audit = request.app.state.audit
+    ready = bool(models) and all(models.values()) and audit.healthy
     return JSONResponse({"status": "ready" if ready else "not_ready", "models": models,
-                           "engines": engines}, status_code=200 if ready else 503)
+                         "engines": engines,
+                         "audit": "ok" if audit.healthy else "cannot_write"},
+                        status_code=200 if ready else 503)
 
 
 @router.get("/metrics")
 async def metrics(request: Request, pool: Pool) -> Response:
     m = request.app.state.metrics
+    m.audit_queue.set(request.app.state.audit.queued)
     for engine in pool.engines:
         m.engine_up.labels(engine.deployment.model, engine.name).set(1 if engine.healthy else 0)
         m.engine_draining.labels(engine.deployment.model, engine.name).set(

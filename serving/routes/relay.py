@@ -18,6 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 from serving.errors import EngineBadResponse, EngineTimeout, GatewayError, error_bytes
 from serving.services.admission import Admission, Gatekeeper
 from serving.services.context import RequestContext
+from serving.services.protection import ToolCallRefused
 from serving.services.proxy import TIMEOUTS, TRANSPORT_ERRORS, Upstream
 from serving.services.requests import PATHS, ParsedRequest
 from serving.services.sse import StreamAccountant, usage_from_body
@@ -96,6 +97,7 @@ class RelayResponse(Response):
         engine, response = await self.upstream.open(
             p.route, PATHS[p.endpoint], p.body, ctx.request_id, p.engine)
         ctx.engine = engine.name
+        ctx.version = engine.deployment.version.name
         ctx.upstream_status = response.status
         try:  # open() counted the request in engine.in_flight
             if response.status != 200:
@@ -121,13 +123,18 @@ class RelayResponse(Response):
     async def _relay_body(self, send: Send, response: aiohttp.ClientResponse) -> None:
         body = await response.read()
         self.ctx.prompt_tokens, self.ctx.completion_tokens = usage_from_body(body)
+        output = self.ctx.output
+        if output is not None:
+            body = output.body(body)  # may refuse a tool call: nothing is sent yet
         await send({"type": "http.response.start", "status": 200,
                     "headers": [_JSON, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
     async def _relay_stream(self, send: Send, response: aiohttp.ClientResponse) -> None:
+        output = self.ctx.output
         acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage,
-                                chunk_usage=self.parsed.chunk_usage)
+                                chunk_usage=self.parsed.chunk_usage,
+                                transform=output.event if output is not None else None)
         started = False
         try:
             async for chunk in response.content.iter_any():
@@ -147,20 +154,36 @@ class RelayResponse(Response):
             if not started:
                 await send({"type": "http.response.start", "status": 200,
                             "headers": _SSE_HEADERS})
+            self._settle(acct)  # the audit record, written before the last byte, reads them
             await send({"type": "http.response.body", "body": rest, "more_body": False})
         except TRANSPORT_ERRORS:
             if not started:
                 raise
             # Headers are gone: end the stream with an OpenAI-style error event.
-            err = error_bytes("The engine stopped mid-stream.", "upstream_error",
-                              code="engine_stream_broken")
-            await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n",
-                        "more_body": False})
+            await self._end_with_error(send, acct, "The engine stopped mid-stream.",
+                                       "upstream_error", "engine_stream_broken")
+        except ToolCallRefused as exc:
+            self.ctx.error_code = exc.log_code
+            if not started:
+                raise
+            await self._end_with_error(send, acct, exc.message, exc.type, exc.log_code)
         finally:
-            self.ctx.prompt_tokens = acct.prompt_tokens
-            self.ctx.completion_tokens = acct.completion_tokens
-            if acct.first_event_at is not None:
-                self.ctx.ttft_s = acct.first_event_at - self.ctx.started
+            self._settle(acct)
+
+    def _settle(self, acct: StreamAccountant) -> None:
+        self.ctx.prompt_tokens = acct.prompt_tokens
+        self.ctx.completion_tokens = acct.completion_tokens
+        if acct.first_event_at is not None:
+            self.ctx.ttft_s = acct.first_event_at - self.ctx.started
+        if self.ctx.output is not None:
+            self.ctx.output.finish()
+
+    async def _end_with_error(self, send: Send, acct: StreamAccountant, message: str,
+                              type_: str, code: str) -> None:
+        err = error_bytes(message, type_, code=code)
+        self._settle(acct)
+        await send({"type": "http.response.body", "body": b"data: " + err + b"\n\n",
+                    "more_body": False})
 
     async def _relay_error(self, send: Send, response: aiohttp.ClientResponse) -> None:
         """Upstream 4xx passes through with its message; anything else becomes a 502."""

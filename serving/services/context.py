@@ -1,11 +1,14 @@
 """Per-request facts gathered along the way, read by the access log and the metrics at the end.
 
-Holds identifiers and counts only: never a key, a prompt or a completion.
+Holds identifiers and counts, never a key. ``request_text`` and the output filter hold text
+only for the audit record's content, per the client's policy; the access log and the metrics
+read named fields and never those.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -25,3 +28,9 @@ class RequestContext:
     client_disconnected: bool = False
     forwarding: bool = False  # the request was handed to an engine
     upstream_status: int | None = None  # the engine's HTTP status, once it answered
+    version: str | None = None  # the model version that served the request
+    trace_id: str | None = None  # from the W3C traceparent header
+    policy: Any = None  # the client's policy in force for this request
+    decisions: Any = None  # protection.Decisions: what the guards decided
+    output: Any = None  # protection.OutputFilter, when the answer is filtered or kept
+    request_text: str | None = None  # for the audit record's content only; never logged

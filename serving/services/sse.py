@@ -12,6 +12,7 @@ usage object pass through untouched.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -23,9 +24,13 @@ _MAX_PENDING = 1 << 20  # an event larger than this is relayed as it is, unparse
 
 
 class StreamAccountant:
-    def __init__(self, strip_usage_event: bool, chunk_usage: str = "keep") -> None:
-        """``chunk_usage``: what to do with usage on content events: "keep", "null", "drop"."""
+    def __init__(self, strip_usage_event: bool, chunk_usage: str = "keep",
+                 transform: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        """``chunk_usage``: what to do with usage on content events: "keep", "null", "drop".
+        ``transform``: called with every decoded data event (it may edit it; True when it
+        did), e.g. the output filter that redacts streamed text."""
         self._strip = strip_usage_event
+        self._transform = transform
         self._chunk_usage = chunk_usage
         self._pending = b""
         self.prompt_tokens: int | None = None
@@ -45,7 +50,8 @@ class StreamAccountant:
             self._pending = data
             return b""
         complete, self._pending = data[: end + 2], data[end + 2:]
-        if _USAGE not in complete and _USAGE_SPACED not in complete:
+        if (self._transform is None and _USAGE not in complete
+                and _USAGE_SPACED not in complete):
             return complete
         out = []
         for event in complete.split(_SEP):
@@ -55,12 +61,18 @@ class StreamAccountant:
             if kind == "usage_only":
                 if self._strip:
                     continue
-            elif kind == "content" and payload is not None and self._chunk_usage != "keep":
-                if self._chunk_usage == "null":
-                    payload["usage"] = None
-                else:
-                    del payload["usage"]
-                event = b"data: " + orjson.dumps(payload)
+            elif payload is not None:
+                changed = False
+                if kind == "content" and self._chunk_usage != "keep":
+                    if self._chunk_usage == "null":
+                        payload["usage"] = None
+                    else:
+                        del payload["usage"]
+                    changed = True
+                if self._transform is not None:
+                    changed = self._transform(payload) or changed
+                if changed:
+                    event = b"data: " + orjson.dumps(payload)
             out.append(event + _SEP)
         return b"".join(out)
 
@@ -70,7 +82,7 @@ class StreamAccountant:
 
     def _account(self, event: bytes) -> tuple[str, dict[str, Any] | None]:
         """Record usage from one event. Returns ("usage_only" | "content" | "other", the
-        decoded payload when it carries usage)."""
+        decoded payload when it is a JSON object)."""
         lines = event.split(b"\n")
         if len(lines) != 1 or not lines[0].startswith(b"data:"):
             return "other", None  # multi-line or comment events: relayed as they are
@@ -82,7 +94,7 @@ class StreamAccountant:
             return "other", None
         usage = payload.get("usage")
         if not isinstance(usage, dict):
-            return "other", None
+            return "other", payload
         prompt = _int(usage.get("prompt_tokens"))
         completion = _int(usage.get("completion_tokens"))
         if prompt is not None:

@@ -30,12 +30,82 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+GuardMode = Literal["off", "flag", "block"]
+
+
 class Caps(_Strict):
+    """Bounds on one request (OWASP LLM10, unbounded consumption). ``max_tokens``, ``n``,
+    ``messages`` and ``body_bytes`` are always enforced: they bound what the gateway reads and
+    what the budget reserves. ``mode`` governs the others (``best_of``, ``logprobs``, ``stop``):
+    ``block`` refuses a request beyond them (400), ``flag`` lets it through and records it,
+    ``off`` ignores them."""
+
+    mode: GuardMode = "block"
     max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens; also the "
                                    "default when a request gives none.")
     n: int = Field(default=1, ge=1, le=128)
+    best_of: int = Field(default=1, ge=1, le=128)
+    logprobs: int = Field(default=20, ge=0, le=20, description="Largest logprobs / "
+                          "top_logprobs; 0: no log probabilities")
+    stop: int = Field(default=4, ge=0, le=64, description="Most stop sequences")
+    prompt_tokens: int | None = Field(default=None, ge=1, description="Longest prompt, in the "
+                                      "model's tokens")
     body_bytes: int | None = Field(default=None, ge=1024)
     messages: int | None = Field(default=None, ge=1)
+
+
+PII_TYPES: tuple[str, ...] = (
+    "EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "IP_ADDRESS", "US_SSN", "FR_NIR",
+    "AWS_ACCESS_KEY", "API_KEY", "PRIVATE_KEY", "JWT", "BEARER_TOKEN", "SECRET_TOKEN")
+
+
+class DataProtection(_Strict):
+    """Personal data and secrets in prompts (``input``) and answers (``output``)."""
+
+    input: Literal["allow", "redact", "block"] = "allow"
+    output: Literal["allow", "redact"] = "allow"
+    types: tuple[str, ...] = PII_TYPES
+
+    @model_validator(mode="after")
+    def _known_types(self) -> DataProtection:
+        unknown = sorted(set(self.types) - set(PII_TYPES))
+        if unknown:
+            raise ValueError(f"unknown type(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(PII_TYPES)}")
+        return self
+
+
+class AuditPolicy(_Strict):
+    """What the audit record keeps of a request's text: ``none`` (metadata only),
+    ``redacted`` (placeholders instead of personal data), ``encrypted`` (the full text,
+    AES-256-GCM, readable only with the audit key)."""
+
+    content: Literal["none", "redacted", "encrypted"] = "none"
+
+
+class InjectionGuard(_Strict):
+    mode: GuardMode = "off"
+    threshold: float = Field(default=0.5, gt=0, le=1, description="Heuristic score (0-1) from "
+                             "which a prompt counts as an injection attempt")
+    model: str | None = Field(default=None, description="An embeddings model served by the "
+                              "platform: prompts close to known attacks count too")
+    model_threshold: float = Field(default=0.8, gt=0, le=1, description="Cosine similarity to a "
+                                   "known attack from which the guard model flags a prompt")
+
+
+class ToolSpec(_Strict):
+    parameters: dict[str, object] | None = Field(
+        default=None, description="The JSON schema the tool's parameters must equal; none: any")
+
+
+class ToolGuard(_Strict):
+    mode: GuardMode = "off"
+    allowed: dict[str, ToolSpec] = Field(default_factory=dict)
+
+
+class Guards(_Strict):
+    injection: InjectionGuard = Field(default_factory=InjectionGuard)
+    tools: ToolGuard = Field(default_factory=ToolGuard)
 
 
 class Limits(_Strict):
@@ -60,6 +130,9 @@ class Policy(_Strict):
     caps: Caps = Field(default_factory=Caps)
     limits: Limits = Field(default_factory=Limits)
     budgets: Budgets = Field(default_factory=Budgets)
+    pii: DataProtection = Field(default_factory=DataProtection)
+    audit: AuditPolicy = Field(default_factory=AuditPolicy)
+    guards: Guards = Field(default_factory=Guards)
 
     @model_validator(mode="after")
     def _admin_alone(self) -> Policy:
@@ -91,6 +164,10 @@ def parse_policies(text: str, source: str, known_models: set[str] | None) -> Pol
             if unknown:
                 raise PolicyError(f"{source}: policies.{name}.models: unknown model(s) "
                                   f"{', '.join(unknown)}; known: {', '.join(sorted(known_models))}")
+            guard_model = policy.guards.injection.model
+            if guard_model is not None and guard_model not in known_models:
+                raise PolicyError(f"{source}: policies.{name}.guards.injection.model: unknown "
+                                  f"model {guard_model}; known: {', '.join(sorted(known_models))}")
     return parsed
 
 

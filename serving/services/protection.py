@@ -1,0 +1,332 @@
+"""Applying a client's data-protection and guard policy to one request and its answer.
+
+``inspect`` runs on the request body before it reaches an engine: caps, tool allowlist,
+injection score, personal data (allow / redact / block). ``OutputFilter`` runs on the answer,
+complete or streamed: tool calls off the allowlist, personal data (allow / redact), and it keeps
+the answer's text when the audit record is to hold it. Every decision goes into the request's
+``Decisions`` (for the audit record) and into the metrics, by type: never a value.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+from serving.errors import GatewayError, InvalidRequest
+from serving.metrics import GatewayMetrics
+from serving.services import guards
+from serving.services.pii import Detector
+from serving.services.redaction import (
+    Redactor,
+    StreamRedactor,
+    request_texts,
+    response_texts,
+)
+from serving.storage.policies import Policy
+
+_BODY_PARAM = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+class ToolCallRefused(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "tool_call_refused"
+
+
+@dataclass(slots=True)
+class Decisions:
+    """What the guards decided for one request; recorded in its audit record."""
+
+    pii_input: Counter[str] = field(default_factory=Counter)
+    pii_input_action: str | None = None
+    pii_output: Counter[str] = field(default_factory=Counter)
+    pii_output_action: str | None = None
+    injection: dict[str, Any] | None = None
+    tools: dict[str, Any] | None = None
+    caps: list[dict[str, str]] = field(default_factory=list)
+    blocked: str | None = None  # which guard refused the request
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.pii_input:
+            out["pii_input"] = {"action": self.pii_input_action, "types": dict(self.pii_input)}
+        if self.pii_output:
+            out["pii_output"] = {"action": self.pii_output_action,
+                                 "types": dict(self.pii_output)}
+        if self.injection is not None:
+            out["injection"] = self.injection
+        if self.tools is not None:
+            out["tools"] = self.tools
+        if self.caps:
+            out["caps"] = self.caps
+        if self.blocked is not None:
+            out["blocked"] = self.blocked
+        return out
+
+
+@lru_cache(maxsize=64)
+def _detector(types: tuple[str, ...]) -> Detector:
+    return Detector(types)
+
+
+@dataclass(slots=True)
+class Inspection:
+    """The outcome of ``inspect`` for one request."""
+
+    decisions: Decisions
+    redactor: Redactor | None
+    changed: bool
+    request_text: str | None  # for the audit record's content, per its policy
+
+
+class Protector:
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def _count(self, guard: str, action: str, kind: str, n: int = 1) -> None:
+        self.metrics.guard_decisions.labels(guard, action, kind).inc(n)
+
+    def inspect(self, policy: Policy, payload: dict[str, Any], endpoint: str,
+                decisions: Decisions) -> Inspection:
+        """Raises ``InvalidRequest`` when a guard in ``block`` mode refuses the request;
+        ``decisions`` then says which."""
+        self._caps(policy, payload, decisions)
+        if endpoint == "chat":
+            self._tools(policy, payload, decisions)
+        if endpoint != "embeddings":
+            self._injection(policy, payload, endpoint, decisions)
+        return self._pii(policy, payload, endpoint, decisions)
+
+    def _caps(self, policy: Policy, payload: dict[str, Any], decisions: Decisions) -> None:
+        caps = policy.caps
+        if caps.mode == "off":
+            return
+        breaches = guards.cap_breaches(caps, payload)
+        for b in breaches:
+            decisions.caps.append({"param": b.param, "action": caps.mode})
+            self._count("caps", caps.mode, b.param)
+        if breaches and caps.mode == "block":
+            decisions.blocked = "caps"
+            b = breaches[0]
+            raise InvalidRequest(b.message, param=b.param, code=b.code)
+
+    def _tools(self, policy: Policy, payload: dict[str, Any], decisions: Decisions) -> None:
+        guard = policy.guards.tools
+        if guard.mode == "off":
+            return
+        bad = guards.disallowed_tools(guard, payload)
+        if not bad:
+            return
+        names = [name[:64] for name in bad]
+        decisions.tools = {"action": guard.mode, "refused": names}
+        self._count("tools", guard.mode, "request")
+        if guard.mode == "block":
+            decisions.blocked = "tools"
+            raise InvalidRequest(
+                f"Tool(s) not allowed for this client, or with parameters that differ from the "
+                f"approved schema: {', '.join(names)}.", param="tools", code="tool_not_allowed")
+
+    def _injection(self, policy: Policy, payload: dict[str, Any], endpoint: str,
+                   decisions: Decisions) -> None:
+        guard = policy.guards.injection
+        if guard.mode == "off":
+            return
+        result = guards.injection_score(guards.injection_texts(payload, endpoint))
+        if result.score < guard.threshold:
+            return
+        decisions.injection = {"action": guard.mode, "score": result.score,
+                               "signals": list(result.signals)}
+        for signal in result.signals:
+            self._count("injection", guard.mode, signal)
+        if guard.mode == "block":
+            decisions.blocked = "injection"
+            raise InvalidRequest(
+                "The request looks like a prompt-injection attempt "
+                f"({', '.join(result.signals)}) and this client's policy blocks it.",
+                param=_BODY_PARAM[endpoint], code="prompt_injection")
+
+    def _pii(self, policy: Policy, payload: dict[str, Any], endpoint: str,
+             decisions: Decisions) -> Inspection:
+        mode = policy.pii.input
+        content = policy.audit.content
+        if mode == "allow" and content == "none":
+            return Inspection(decisions, None, False, None)
+        redactor = Redactor(_detector(policy.pii.types))
+        try:
+            places = list(request_texts(payload, endpoint))
+        except ValueError as exc:
+            if mode == "allow":
+                return Inspection(decisions, redactor, False, None)
+            raise InvalidRequest(
+                "This client's prompts are inspected for personal data: send text, not token "
+                "ids.", param=str(exc), code="unsupported_prompt") from None
+        originals = [place[key] for place, key in places]
+        found = [redactor.find(text) for text in originals]
+        kinds: Counter[str] = Counter(f.type for fs in found for f in fs)
+        changed = False
+        if kinds and mode == "block":
+            decisions.pii_input.update(kinds)
+            decisions.pii_input_action = "block"
+            decisions.blocked = "pii"
+            for kind, n in kinds.items():
+                self._count("pii_input", "block", kind, n)
+            raise InvalidRequest(
+                "The request contains personal data or secrets that this client may not send: "
+                f"{', '.join(sorted(kinds))}.", param=_BODY_PARAM[endpoint],
+                code="pii_detected")
+        redacted = [redactor.redact(text, fs) for text, fs in zip(originals, found, strict=True)]
+        if kinds:
+            decisions.pii_input.update(kinds)
+            decisions.pii_input_action = "redact" if mode == "redact" else "allow"
+            for kind, n in kinds.items():
+                self._count("pii_input", decisions.pii_input_action, kind, n)
+        if mode == "redact" and kinds:
+            for (place, key), text in zip(places, redacted, strict=True):
+                place[key] = text
+            changed = True
+        request_text = None
+        if content != "none":
+            request_text = "\n".join(originals if content == "encrypted" else redacted)
+        return Inspection(decisions, redactor, changed, request_text)
+
+    def output_filter(self, policy: Policy, inspection: Inspection | None) -> OutputFilter | None:
+        """What the relay applies to the answer; None when nothing is to be done."""
+        redact = policy.pii.output == "redact"
+        tools = policy.guards.tools
+        keep = policy.audit.content != "none"
+        if not redact and tools.mode == "off" and not keep:
+            return None
+        if inspection is None or inspection.redactor is None:
+            redactor = Redactor(_detector(policy.pii.types))
+            decisions = inspection.decisions if inspection is not None else Decisions()
+        else:
+            redactor, decisions = inspection.redactor, inspection.decisions
+        return OutputFilter(self, policy, redactor, decisions)
+
+
+class OutputFilter:
+    """One per answer. Complete answers go through ``body``; streamed events through
+    ``event`` (which edits the decoded event in place) and ``finish``."""
+
+    def __init__(self, protector: Protector, policy: Policy, redactor: Redactor,
+                 decisions: Decisions) -> None:
+        self._protector = protector
+        self._redact = policy.pii.output == "redact"
+        self._tools = policy.guards.tools
+        self._content = policy.audit.content
+        self._redactor = redactor
+        self._decisions = decisions
+        self._streams: dict[int, StreamRedactor] = {}
+        self._kept: list[str] | None = [] if self._content != "none" else None
+        self._counted: Counter[str] = Counter()
+
+    @property
+    def rewrites_events(self) -> bool:
+        return self._redact or self._tools.mode != "off"
+
+    def _check_tools(self, message: dict[str, Any]) -> None:
+        if self._tools.mode == "off":
+            return
+        refused = sorted({n for n in guards.called_tools(message) if n not in self._tools.allowed})
+        if not refused:
+            return
+        names = [n[:64] for n in refused]
+        self._decisions.tools = {"action": self._tools.mode, "refused_calls": names}
+        self._protector._count("tools", self._tools.mode, "response")
+        if self._tools.mode == "block":
+            self._decisions.blocked = "tools"
+            raise ToolCallRefused(
+                f"The model called tool(s) not allowed for this client: {', '.join(names)}.")
+
+    def _text(self, text: str, stream: StreamRedactor | None, final: bool) -> str:
+        before = Counter(self._redactor.counts)
+        if stream is None:
+            out = self._redactor.redact(text) if self._redact else text
+        else:
+            out = stream.feed(text)
+            if final:
+                out += stream.flush()
+        if self._redact:
+            new = self._redactor.counts - before
+            self._counted.update(new)
+        if self._kept is not None:
+            self._kept.append(text if self._content == "encrypted" or not self._redact else out)
+        return out
+
+    def body(self, body: bytes) -> bytes:
+        """A complete answer; raises ``ToolCallRefused``."""
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return body
+        if not isinstance(payload, dict):
+            return body
+        for choice in payload.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+                self._check_tools(choice["message"])
+        changed = False
+        for place, key in response_texts(payload):
+            text = place[key]
+            out = self._text(text, None, True)
+            if out != text:
+                place[key] = out
+                changed = True
+        self._settle()
+        return orjson.dumps(payload) if changed else body
+
+    def event(self, payload: dict[str, Any]) -> bool:
+        """A decoded stream event; True when it was changed. Raises ``ToolCallRefused``."""
+        changed = False
+        for choice in payload.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            final = choice.get("finish_reason") is not None
+            delta = choice.get("delta")
+            place, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
+            if isinstance(delta, dict):
+                self._check_tools(delta)
+            text = place.get(key)
+            if not isinstance(text, str) and not final:
+                continue
+            text = text if isinstance(text, str) else ""
+            stream = None
+            if self._redact:
+                stream = self._streams.get(index) if isinstance(index, int) else None
+                if stream is None and isinstance(index, int):
+                    stream = self._streams[index] = StreamRedactor(self._redactor)
+            out = self._text(text, stream, final)
+            if final and isinstance(index, int):
+                self._streams.pop(index, None)
+            if out != text or (final and out and place.get(key) is None):
+                place[key] = out
+                changed = True
+        return changed
+
+    def _settle(self) -> None:
+        if not self._counted:
+            return
+        self._decisions.pii_output.update(self._counted)
+        self._decisions.pii_output_action = "redact"
+        for kind, n in self._counted.items():
+            self._protector._count("pii_output", "redact", kind, n)
+        self._counted.clear()
+
+    def finish(self) -> None:
+        """The answer ended. Text still held back by a stream that ended without a finish
+        reason (the engine broke off) is dropped, never sent unredacted."""
+        self._streams.clear()
+        self._settle()
+
+    @property
+    def response_text(self) -> str | None:
+        if self._kept is None:
+            return None
+        text = "".join(self._kept)
+        if self._content == "redacted" and not self._redact:
+            return self._redactor.redact(text)
+        return text
