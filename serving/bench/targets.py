@@ -132,16 +132,26 @@ policies:
     limits: {requests_per_minute: 100000000, tokens_per_minute: 1000000000, concurrent: 100000}
     budgets: {tokens_per_day: 1000000000000, tokens_per_month: 1000000000000}
 """
+# The same, plus data protection: prompts and answers redacted, the audit record keeps the
+# redacted text, injection and tool guards on.
+PROTECTED_POLICIES = BENCH_POLICIES + """\
+    pii: {input: redact, output: redact}
+    audit: {content: redacted}
+    guards:
+      injection: {mode: flag}
+      tools: {mode: block, allowed: {get_weather: {}}}
+"""
 
 
 @contextlib.contextmanager
 def gateway(root: Path, models: Path, database_url: str | None = None,
-            redis_url: str | None = None) -> Iterator[tuple[str, str]]:
+            redis_url: str | None = None,
+            policies: str = BENCH_POLICIES) -> Iterator[tuple[str, str]]:
     """The real gateway (auth, policy, rate limits, budget ledger, metrics, JSON access log
     to a file), and a key for it."""
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
-    (root / "policies.yaml").write_text(BENCH_POLICIES)
+    (root / "policies.yaml").write_text(policies)
     env = {**os.environ, "ENCLAVE_DATA_DIR": str(root / "gateway-data"),
            "ENCLAVE_MODELS_DIR": str(models), "ENCLAVE_PEPPER": secrets.token_hex(32),
            "ENCLAVE_PORT": str(port), "ENCLAVE_POLICIES_FILE": str(root / "policies.yaml")}

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from serving.bench import run
+from serving.bench import protection, run
 from serving.cli.common import console, fail, load_settings, stdout
 
 
@@ -76,3 +76,29 @@ def bench(seconds: float, rounds: int, concurrencies: tuple[int, ...], e2e: bool
         json_out.write_text(json.dumps({"proxy": run.to_json(proxy),
                                         "e2e": run.to_json(e2e_cells),
                                         "summary": lines}, indent=2) + "\n")
+
+
+@click.command("bench-protection")
+@click.option("--seconds", default=5.0, show_default=True, help="Length of one measurement.")
+@click.option("--rounds", default=3, show_default=True, help="Interleaved rounds (median kept).")
+@click.option("--concurrency", default=16, show_default=True)
+def bench_protection(seconds: float, rounds: int, concurrency: int) -> None:
+    """The cost of redaction, guards and the audit trail: the gateway with them against the
+    same gateway without and the bare proxy (~1 KB prompts); detector and stream filter costs."""
+    if shutil.which("wrk") is None:
+        fail("wrk is not installed (Debian: apt-get install wrk nginx-light)")
+    settings = load_settings()
+
+    def say(msg: str) -> None:
+        console.print(f"[dim]{msg}[/]")
+
+    micro = protection.inprocess()
+    cells = protection.gateway_cells(seconds, rounds, concurrency, settings.models_dir, say)
+    stdout.print(_table(f"Data protection, ~1 KB prompts, c={concurrency}", cells))
+    by = {c.target: c for c in cells}
+    bare, plain, prot = by["bare proxy"], by["gateway"], by["gateway + protection"]
+    stdout.print(f"gateway + protection / bare proxy req/s = {prot.rps / bare.rps:.2f}x; "
+                 f"/ gateway without protection = {prot.rps / plain.rps:.2f}x; "
+                 f"gateway / bare proxy = {plain.rps / bare.rps:.2f}x")
+    for name, value in micro.items():
+        stdout.print(f"{name}: {value:.1f}")

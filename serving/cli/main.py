@@ -8,7 +8,7 @@ from monitoring.exporter.cli import exporter
 from serving import __version__
 from serving.bench.exporter import bench_exporter
 from serving.cli.admin import db, oauth, policies, usage
-from serving.cli.bench import bench
+from serving.cli.bench import bench, bench_protection
 from serving.cli.clients import clients
 from serving.cli.keys import keys
 from serving.cli.models import models
@@ -32,6 +32,7 @@ cli.add_command(oauth)
 cli.add_command(db)
 cli.add_command(models)
 cli.add_command(bench)
+cli.add_command(bench_protection)
 cli.add_command(exporter)
 cli.add_command(bench_exporter)
 

@@ -14,14 +14,20 @@ from fastapi import APIRouter, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.deps import Pool, authenticate
-from serving.errors import AuditUnavailable, GatewayError, InvalidRequest, PayloadTooLarge
+from serving.errors import (
+    AuditUnavailable,
+    EngineUnavailable,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+)
 from serving.responses import JSONResponse
 from serving.routes.middleware import context
 from serving.routes.relay import RelayResponse, send_error
 from serving.services import requests
 from serving.services.admission import Gatekeeper
 from serving.services.audit import AuditTrail
-from serving.services.engines import EnginePool
+from serving.services.engines import EnginePool, EngineState, ModelRoute
 from serving.services.protection import Decisions, Protector
 from serving.services.proxy import Upstream
 
@@ -78,10 +84,29 @@ async def _forward(request: Request, endpoint: str) -> RelayResponse:
     parsed = requests.validate(payload, raw, endpoint, route, pinned,
                                changed or inspection.changed)
     ctx.stream = parsed.stream
+    cap = policy.caps.prompt_tokens
+    # A token is at least one byte of the body (byte-level tokenizers; the JSON around the text
+    # outweighs the chat template's tokens): only a body longer than the cap is counted.
+    if cap is not None and endpoint != "embeddings" and len(parsed.body) > cap:
+        await _check_prompt_tokens(upstream, route, endpoint, payload, ctx.request_id, pinned,
+                                   cap)
     if endpoint != "embeddings":
         ctx.output = protector.output_filter(policy, inspection)
     admission = await gate.admit(principal, policy, route.name, cost)
     return RelayResponse(upstream, parsed, ctx, gate, admission)
+
+
+async def _check_prompt_tokens(upstream: Upstream, route: ModelRoute, endpoint: str,
+                               payload: dict[str, Any], request_id: str,
+                               pinned: EngineState | None, cap: int) -> None:
+    count = await upstream.count_prompt_tokens(route, endpoint, payload, request_id, pinned)
+    if count is None:
+        raise EngineUnavailable(f"The prompt of '{route.name}' could not be measured against "
+                                "this client's cap; retry shortly.", 5)
+    if count > cap:
+        raise InvalidRequest(f"The prompt is {count} tokens; this client may send at most "
+                             f"{cap}.", param="messages" if endpoint == "chat" else "prompt",
+                             code="prompt_too_long")
 
 
 def _direct(endpoint: str) -> ASGIApp:

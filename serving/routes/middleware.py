@@ -5,6 +5,7 @@ Never buffers a body: it only watches ``http.response.start`` for the status.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -79,10 +80,9 @@ class RequestMiddleware:
                   and not message.get("more_body")):
                 # The record is written before the client sees the end of the answer.
                 audited = True
-                try:
+                # On failure the trail logs it, keeps the record queued, refuses new requests.
+                with contextlib.suppress(OSError):
                     await audit.record(build_record(ctx, status))
-                except OSError:
-                    pass  # the trail logs it, keeps the record queued and refuses new requests
             await send(message)
 
         self.metrics.in_flight.inc()

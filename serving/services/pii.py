@@ -19,7 +19,7 @@ import ipaddress
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import phonenumbers
@@ -202,6 +202,7 @@ class Detector:
         found: list[Finding] = []
         windows: list[tuple[int, int]] | None = None
         for rule in self._rules:
+            matches: Iterator[re.Match[str]]
             if rule.numeric:
                 if windows is None:
                     # A leading "+" or "(" belongs to a phone number.

@@ -11,8 +11,10 @@ the client sends chooses the upstream path or query.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
+import orjson
 
 from serving.errors import EngineTimeout, EngineUnavailable
 from serving.services.engines import EnginePool, EngineState, ModelRoute
@@ -82,3 +84,26 @@ class Upstream:
                 raise
             return engine, response
         raise self.unavailable(route.name)
+
+    async def count_prompt_tokens(self, route: ModelRoute, endpoint: str,
+                                  payload: dict[str, Any], request_id: str,
+                                  pinned: EngineState | None = None) -> int | None:
+        """The prompt's length in the model's own tokens, from the engine's ``/tokenize``
+        (chat template included); None when no engine could say."""
+        field = "messages" if endpoint == "chat" else "prompt"
+        body = orjson.dumps({"model": route.name, field: payload.get(field),
+                             **({"add_generation_prompt": True} if endpoint == "chat" else {})})
+        engine = pinned if pinned is not None and pinned.healthy else route.pick(exclude=set())
+        if engine is None:
+            raise self.unavailable(route.name)
+        headers = {"content-type": "application/json", "x-request-id": request_id}
+        try:
+            async with self._session.post(engine.base_url + "/tokenize", data=body,
+                                          headers=headers, allow_redirects=False) as response:
+                if response.status != 200:
+                    return None
+                result = orjson.loads(await response.read())
+        except (*TRANSPORT_ERRORS, orjson.JSONDecodeError):
+            return None
+        count = result.get("count") if isinstance(result, dict) else None
+        return count if isinstance(count, int) else None
