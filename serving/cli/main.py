@@ -8,6 +8,7 @@ from monitoring.exporter.cli import exporter
 from serving import __version__
 from serving.bench.exporter import bench_exporter
 from serving.cli.admin import db, oauth, policies, usage
+from serving.cli.audit_trail import audit
 from serving.cli.bench import bench, bench_protection
 from serving.cli.clients import clients
 from serving.cli.keys import keys
@@ -28,6 +29,7 @@ cli.add_command(clients)
 cli.add_command(keys)
 cli.add_command(policies)
 cli.add_command(usage)
+cli.add_command(audit)
 cli.add_command(oauth)
 cli.add_command(db)
 cli.add_command(models)

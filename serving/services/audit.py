@@ -31,8 +31,12 @@ import orjson
 from serving.metrics import GatewayMetrics
 from serving.services.context import RequestContext
 from serving.settings import Settings
-from serving.storage.auditkeys import ContentKeyring, create_content_key, load_or_create_signing_key
-from serving.storage.auditlog import AuditLog
+from serving.storage.audit_chain import AuditLog
+from serving.storage.audit_crypto import (
+    ContentKeyring,
+    create_content_key,
+    load_or_create_signing_key,
+)
 
 log = logging.getLogger("enclave.audit")
 AUDITED = frozenset({"chat", "completions", "embeddings"})

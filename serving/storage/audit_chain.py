@@ -1,0 +1,383 @@
+"""The audit trail on disk: hash-chained records in append-only segments, signed checkpoints,
+verification, reading and retention.
+
+Layout of the directory (0700): ``segment-<first seq>.jsonl`` (one record per line: the record,
+its ``seq``, ``prev`` = the previous record's hash, ``hash`` = sha256(prev + "\\n" + the
+canonical JSON of the record with seq and prev)), ``checkpoints.jsonl`` (``seq``, ``hash``,
+``ts``, ``segment`` and an Ed25519 ``sig`` over them), ``.lock`` (held by the one writer).
+Every closed segment ends exactly at a checkpoint, so retention removes whole segments and the
+rest still verifies from the checkpoint before it.
+
+A batch is written with one ``os.write`` loop on an ``O_APPEND`` descriptor: once ``append``
+returns, the records survive the process being killed (they are in the kernel); ``fsync``
+follows per the interval given. Never logs a record.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+GENESIS = "0" * 64
+CHECKPOINTS = "checkpoints.jsonl"
+_TAIL_BYTES = 1 << 20
+
+
+class AuditLogError(RuntimeError):
+    pass
+
+
+def _canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(str(body.get("prev", "")).encode() + b"\n"
+                          + _canonical(body)).hexdigest()
+
+
+def _segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob("segment-*.jsonl"))
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"segment-{first_seq:012d}.jsonl"
+
+
+def _last_line(path: Path) -> tuple[bytes | None, int]:
+    """(the last complete line, the number of bytes after it: a torn write)."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        start = max(0, size - _TAIL_BYTES)
+        while True:
+            fh.seek(start)
+            data = fh.read()
+            end = data.rfind(b"\n")
+            if end < 0 and start > 0:
+                start = max(0, start - _TAIL_BYTES)
+                continue
+            if end < 0:
+                return None, len(data)
+            torn = len(data) - end - 1
+            begin = data.rfind(b"\n", 0, end) + 1
+            if begin == 0 and start > 0:
+                start = max(0, start - _TAIL_BYTES)
+                continue
+            return data[begin:end], torn
+
+
+def _checkpoint_payload(cp: dict[str, Any]) -> bytes:
+    return _canonical({k: cp[k] for k in ("seq", "hash", "ts", "segment")})
+
+
+class AuditLog:
+    def __init__(self, directory: Path, signing_key: Ed25519PrivateKey, *,
+                 checkpoint_every: int = 256, checkpoint_interval_s: float = 10.0,
+                 segment_bytes: int = 64 << 20, fsync_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.directory = directory
+        self._key = signing_key
+        self._every = checkpoint_every
+        self._interval = checkpoint_interval_s
+        self._segment_bytes = segment_bytes
+        self._fsync_interval = fsync_interval_s
+        self._clock = clock
+        self._lock_fd: int | None = None
+        self._fd: int | None = None
+        self._segment: str | None = None
+        self._size = 0
+        self.seq = 0
+        self.last_hash = GENESIS
+        self._checkpointed_seq = 0
+        self._last_checkpoint = clock()
+        self._dirty_since: float | None = None
+        self.recovered_torn_bytes = 0
+
+    def open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AuditLogError(f"another gateway writes to {self.directory}; give each "
+                                "gateway its own ENCLAVE_AUDIT_DIR") from None
+        self._lock_fd = fd
+        self._recover()
+
+    def _recover(self) -> None:
+        checkpoints = list(_read_jsonl(self.directory / CHECKPOINTS))
+        if checkpoints:
+            self._checkpointed_seq = int(checkpoints[-1][1].get("seq", 0))
+        for path in reversed(_segments(self.directory)):
+            line, torn = _last_line(path)
+            if torn:
+                with path.open("r+b") as fh:
+                    fh.truncate(path.stat().st_size - torn)
+                self.recovered_torn_bytes += torn
+            if line is None:
+                path.unlink()  # created, then the process died before its first record
+                continue
+            last = orjson.loads(line)
+            self.seq, self.last_hash = int(last["seq"]), str(last["hash"])
+            self._segment = path.name
+            self._size = path.stat().st_size
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            return
+        if checkpoints:  # every segment purged: continue from the last checkpoint
+            last_cp = checkpoints[-1][1]
+            self.seq, self.last_hash = int(last_cp["seq"]), str(last_cp["hash"])
+
+    def append(self, records: list[dict[str, Any]]) -> int:
+        if not records:
+            return self.seq
+        if self._fd is None:
+            self._segment = _segment_name(self.seq + 1)
+            self._fd = os.open(self.directory / self._segment,
+                               os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            self._size = 0
+        lines = []
+        seq, prev = self.seq, self.last_hash
+        for record in records:
+            seq += 1
+            full = {**record, "seq": seq, "prev": prev}
+            full["hash"] = prev = record_hash(full)
+            lines.append(_canonical(full))
+        data = memoryview(b"\n".join(lines) + b"\n")
+        size = len(data)
+        while data:
+            written = os.write(self._fd, data)
+            data = data[written:]
+        self.seq, self.last_hash = seq, prev
+        self._size += size
+        if self._dirty_since is None:
+            self._dirty_since = self._clock()
+        if self._fsync_interval == 0:
+            self.sync()
+        if (self.seq - self._checkpointed_seq >= self._every
+                or self._clock() - self._last_checkpoint >= self._interval):
+            self.checkpoint()
+        if self._size >= self._segment_bytes:
+            self.checkpoint()
+            os.close(self._fd)
+            self._fd = None  # the next append starts a new segment
+        return self.seq
+
+    def sync(self) -> None:
+        if self._fd is not None and self._dirty_since is not None:
+            os.fsync(self._fd)
+        self._dirty_since = None
+
+    def maybe_sync(self) -> None:
+        if self._dirty_since is not None and \
+                self._clock() - self._dirty_since >= self._fsync_interval:
+            self.sync()
+
+    def checkpoint(self) -> None:
+        self._last_checkpoint = self._clock()
+        if self.seq == self._checkpointed_seq or self._segment is None:
+            return
+        self.sync()  # a checkpoint never covers records that are not on disk
+        cp: dict[str, Any] = {"seq": self.seq, "hash": self.last_hash,
+                              "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                              "segment": self._segment}
+        cp["sig"] = base64.b64encode(self._key.sign(_checkpoint_payload(cp))).decode()
+        fd = os.open(self.directory / CHECKPOINTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                     0o600)
+        try:
+            os.write(fd, _canonical(cp) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._checkpointed_seq = self.seq
+
+    def purge(self, before: datetime) -> list[str]:
+        return purge(self.directory, before)
+
+    def close(self) -> None:
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.checkpoint()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object); an unparseable line comes as an empty dict."""
+    if not path.exists():
+        return
+    with path.open("rb") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                value = {}
+            yield number, value if isinstance(value, dict) else {}
+
+
+def _ts(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def purge(directory: Path, before: datetime) -> list[str]:
+    """Delete the oldest closed segments whose last record is older than ``before``; never the
+    newest segment, never one after a segment that is kept. Checkpoints stay."""
+    removed = []
+    for path in _segments(directory)[:-1]:
+        line, _ = _last_line(path)
+        last = orjson.loads(line) if line else {}
+        ts = _ts(last.get("ts"))
+        if ts is None or ts >= before:
+            break
+        path.unlink()
+        removed.append(path.name)
+    return removed
+
+
+def read_records(directory: Path, *, since: datetime | None = None,
+                 until: datetime | None = None, client: str | None = None,
+                 request_id: str | None = None) -> Iterator[dict[str, Any]]:
+    for path in _segments(directory):
+        for _, record in _read_jsonl(path):
+            if not record:
+                continue
+            if request_id is not None and record.get("request_id") != request_id:
+                continue
+            if client is not None and record.get("client") != client:
+                continue
+            ts = _ts(record.get("ts"))
+            if since is not None and (ts is None or ts < since):
+                continue
+            if until is not None and (ts is None or ts >= until):
+                continue
+            yield record
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    kind: str  # edited, deleted, inserted, reordered, torn, bad_signature,
+    # checkpoint_mismatch, unanchored_start
+    seq: int | None
+    detail: str
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    records: int = 0
+    checkpoints: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    unsigned_tail: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _ranges(seqs: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s in seqs:
+        if out and out[-1][1] == s - 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out
+
+
+def verify(directory: Path, public_key: Ed25519PublicKey) -> VerifyReport:
+    report = VerifyReport()
+    problems = report.problems
+    by_seq: dict[int, dict[str, Any]] = {}
+    last_seen = 0
+    for path in _segments(directory):
+        for number, record in _read_jsonl(path):
+            seq = record.get("seq")
+            if not isinstance(seq, int) or "hash" not in record:
+                problems.append(Problem("torn", None, f"{path.name} line {number} is not a "
+                                        "record"))
+                continue
+            report.records += 1
+            if seq in by_seq:
+                problems.append(Problem("inserted", seq, f"seq {seq} appears again "
+                                        f"({path.name} line {number})"))
+                continue
+            if seq < last_seen:
+                problems.append(Problem("reordered", seq, f"record {seq} comes after record "
+                                        f"{last_seen}"))
+            last_seen = max(last_seen, seq)
+            by_seq[seq] = record
+            if record_hash(record) != record["hash"]:
+                problems.append(Problem("edited", seq, f"record {seq} does not match its hash"))
+    if by_seq:
+        first, last = min(by_seq), max(by_seq)
+        report.first_seq, report.last_seq = first, last
+        missing = [s for s in range(first, last + 1) if s not in by_seq]
+        for a, b in _ranges(missing):
+            problems.append(Problem("deleted", a, f"record {a} is missing" if a == b
+                                    else f"records {a}-{b} are missing"))
+        for s in range(first + 1, last + 1):
+            here, before = by_seq.get(s), by_seq.get(s - 1)
+            if here is not None and before is not None and here.get("prev") != before["hash"]:
+                # The earlier record was changed and re-hashed: its successor still holds the
+                # hash it had.
+                problems.append(Problem("edited", s - 1, f"record {s - 1} was changed and "
+                                        "re-hashed (the next record's link no longer matches)"))
+    signed: dict[int, str] = {}
+    for number, cp in _read_jsonl(directory / CHECKPOINTS):
+        report.checkpoints += 1
+        try:
+            public_key.verify(base64.b64decode(cp["sig"]), _checkpoint_payload(cp))
+        except (InvalidSignature, KeyError, ValueError, TypeError):
+            problems.append(Problem("bad_signature", cp.get("seq") if isinstance(
+                cp.get("seq"), int) else None, f"checkpoint on line {number} is not validly "
+                "signed"))
+            continue
+        seq = int(cp["seq"])
+        signed[seq] = str(cp["hash"])
+        covered = by_seq.get(seq)
+        if report.last_seq is not None and seq > report.last_seq:
+            problems.append(Problem("checkpoint_mismatch", seq, f"signed records up to {seq} "
+                                    f"are gone (the trail ends at {report.last_seq})"))
+        elif report.last_seq is None and seq > 0 and any(_segments(directory)):
+            problems.append(Problem("checkpoint_mismatch", seq, "signed records are gone"))
+        elif covered is not None and covered["hash"] != cp["hash"]:
+            problems.append(Problem("checkpoint_mismatch", seq, f"record {seq} differs from "
+                                    "what its signed checkpoint covers"))
+    if report.first_seq is not None and report.last_seq is not None:
+        first_record = by_seq[report.first_seq]
+        anchor = GENESIS if report.first_seq == 1 else signed.get(report.first_seq - 1)
+        if first_record.get("prev") != anchor:
+            problems.append(Problem("unanchored_start", report.first_seq, "the first record "
+                                    "is not vouched for by the chain's start or a signed "
+                                    "checkpoint"))
+        report.unsigned_tail = report.last_seq - max(
+            (s for s in signed if s <= report.last_seq), default=report.first_seq - 1)
+    problems.sort(key=lambda p: (p.seq if p.seq is not None else -1, p.kind))
+    return report
