@@ -100,8 +100,8 @@ class Settings(BaseSettings):
     access_log: bool = True
 
     audit_dir: Path | None = Field(
-        None, description="The audit trail (hash-chained segments, signed checkpoints); "
-        "default <data_dir>/audit")
+        None, description="The audit trails (one chain of hash-chained segments and signed "
+        "checkpoints per gateway, in <host>-<port>/); default <data_dir>/audit")
     audit_keys_dir: Path | None = Field(
         None, description="AES-256-GCM keys for encrypted audit content, one <key_id>.key "
         "file each (mode 0600); default <data_dir>/audit-keys")
@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     @property
     def resolved_audit_dir(self) -> Path:
         return self.audit_dir or self.data_dir / "audit"
+
+    @property
+    def audit_chain_dir(self) -> Path:
+        """This gateway's own chain: gateways sharing a data directory (several processes,
+        one host) each write their own, named by host and port, continued across restarts."""
+        return self.resolved_audit_dir / f"{socket.gethostname()}-{self.port}"
 
     @property
     def resolved_audit_keys_dir(self) -> Path:

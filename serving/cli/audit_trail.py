@@ -41,7 +41,10 @@ def _when(text: str | None) -> datetime | None:
 def _records(settings: Settings, decrypt: bool, **filters: Any) -> list[dict[str, Any]]:
     keyring = ContentKeyring(settings.resolved_audit_keys_dir, None) if decrypt else None
     out = []
-    for record in audit_chain.read_records(settings.resolved_audit_dir, **filters):
+    records = [r for chain in audit_chain.chains(settings.resolved_audit_dir)
+               for r in audit_chain.read_records(chain, **filters)]
+    records.sort(key=lambda r: str(r.get("ts")))
+    for record in records:
         content = record.get("content")
         if isinstance(content, dict) and content.get("mode") == "encrypted":
             if keyring is None:
@@ -71,15 +74,22 @@ def verify(public_key: Path | None) -> None:
     path = public_key or public_key_path(settings.resolved_audit_signing_key_file)
     if not path.exists():
         fail(f"no public key at {path}: pass --public-key")
-    report = audit_chain.verify(settings.resolved_audit_dir, load_public_key(path))
-    for p in report.problems:
-        stdout.print(f"{p.kind}: {p.detail}")
-    summary = (f"{report.records} records (seq {report.first_seq}-{report.last_seq}), "
-               f"{report.checkpoints} signed checkpoints, {report.unsigned_tail} records after "
-               "the last checkpoint (chained, not yet signed)")
-    if not report.ok:
-        fail(f"{len(report.problems)} problem(s); {summary}")
-    stdout.print(f"ok: {summary}")
+    key = load_public_key(path)
+    chains = audit_chain.chains(settings.resolved_audit_dir)
+    if not chains:
+        fail(f"no audit trail under {settings.resolved_audit_dir}")
+    problems = 0
+    for chain in chains:
+        report = audit_chain.verify(chain, key)
+        for p in report.problems:
+            stdout.print(f"{chain.name}: {p.kind}: {p.detail}")
+        problems += len(report.problems)
+        stdout.print(f"{chain.name}: {'ok' if report.ok else 'FAILED'}: {report.records} "
+                     f"records (seq {report.first_seq}-{report.last_seq}), "
+                     f"{report.checkpoints} signed checkpoints, {report.unsigned_tail} records "
+                     "after the last checkpoint (chained, not yet signed)")
+    if problems:
+        fail(f"{problems} problem(s) in the audit trail")
 
 
 @audit.command("show")
@@ -144,7 +154,8 @@ def purge(older_than: str) -> None:
         cutoff = datetime.now(UTC) - parse_duration(older_than)
     except ValueError as exc:
         fail(str(exc))
-    removed = audit_chain.purge(settings.resolved_audit_dir, cutoff)
+    removed = [f"{chain.name}/{name}" for chain in audit_chain.chains(settings.resolved_audit_dir)
+               for name in audit_chain.purge(chain, cutoff)]
     console.print(f"{len(removed)} segment(s) removed" + (f": {', '.join(removed)}"
                                                           if removed else ""))
 

@@ -112,7 +112,7 @@ class AuditTrail:
                                                          "directory": str(keys_dir)})
         self._keyring = ContentKeyring(keys_dir, s.audit_key_id)
         signing = load_or_create_signing_key(s.resolved_audit_signing_key_file)
-        self._log = AuditLog(s.resolved_audit_dir, signing,
+        self._log = AuditLog(s.audit_chain_dir, signing,
                              checkpoint_every=s.audit_checkpoint_every,
                              checkpoint_interval_s=s.audit_checkpoint_interval_s,
                              segment_bytes=s.audit_segment_bytes,
@@ -125,7 +125,7 @@ class AuditTrail:
         self._space.set()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
-        log.info("audit trail open", extra={"directory": str(s.resolved_audit_dir),
+        log.info("audit trail open", extra={"directory": str(s.audit_chain_dir),
                                             "content_key": self._keyring.current_id})
 
     async def close(self) -> None:

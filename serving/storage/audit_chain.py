@@ -50,6 +50,14 @@ def record_hash(record: dict[str, Any]) -> str:
                           + _canonical(body)).hexdigest()
 
 
+def chains(root: Path) -> list[Path]:
+    """Every gateway's chain under the audit root (each in its own directory)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (
+        (p / CHECKPOINTS).exists() or any(p.glob("segment-*.jsonl"))))
+
+
 def _segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("segment-*.jsonl"))
 
