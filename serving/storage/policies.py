@@ -87,10 +87,6 @@ class InjectionGuard(_Strict):
     mode: GuardMode = "off"
     threshold: float = Field(default=0.5, gt=0, le=1, description="Heuristic score (0-1) from "
                              "which a prompt counts as an injection attempt")
-    model: str | None = Field(default=None, description="An embeddings model served by the "
-                              "platform: prompts close to known attacks count too")
-    model_threshold: float = Field(default=0.8, gt=0, le=1, description="Cosine similarity to a "
-                                   "known attack from which the guard model flags a prompt")
 
 
 class ToolSpec(_Strict):
@@ -164,10 +160,6 @@ def parse_policies(text: str, source: str, known_models: set[str] | None) -> Pol
             if unknown:
                 raise PolicyError(f"{source}: policies.{name}.models: unknown model(s) "
                                   f"{', '.join(unknown)}; known: {', '.join(sorted(known_models))}")
-            guard_model = policy.guards.injection.model
-            if guard_model is not None and guard_model not in known_models:
-                raise PolicyError(f"{source}: policies.{name}.guards.injection.model: unknown "
-                                  f"model {guard_model}; known: {', '.join(sorted(known_models))}")
     return parsed
 
 
