@@ -176,15 +176,24 @@ def test_patch_dry_run_drains_waits_for_in_flight_and_undrains(
         ["bash", str(REPO / "hardening" / "patch-gpu-node.sh"), "--dry-run",
          "--gateway", gateway.url, "--deployment", DEPLOYMENT, "--timeout", "120"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # while it waits, new requests are not sent to the drained engine
-    time.sleep(1)
-    if "finished" in stream_result:  # ~5 s of generation: normally still going
-        print("the stream ended within a second of the drain")
-    assert engines(gateway, admin_key)[DEPLOYMENT]["draining"] is True
-    refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT,
-                         headers=bearer(api_key), timeout=60)
-    assert refused.status_code == 503
-    out, _ = script.communicate(timeout=300)
+    try:
+        # While it waits, new requests are not sent to the drained engine. The script needs
+        # a moment to start and call the admin API (longer on 2 loaded cores).
+        deadline = time.monotonic() + 20
+        while not engines(gateway, admin_key)[DEPLOYMENT]["draining"]:
+            assert script.poll() is None or script.returncode == 0, script.communicate()[0]
+            assert time.monotonic() < deadline, "the script did not drain the engine in 20 s"
+            time.sleep(0.1)
+        if "finished" in stream_result:  # ~5 s of generation: normally still going
+            print("the stream ended before the drain was seen")
+        refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT,
+                             headers=bearer(api_key), timeout=60)
+        assert refused.status_code == 503
+        out, _ = script.communicate(timeout=300)
+    finally:
+        if script.poll() is None:  # a failed assertion above: never leave the script behind
+            script.kill()
+            script.communicate()
     streamer.join(timeout=120)
 
     assert script.returncode == 0, out
