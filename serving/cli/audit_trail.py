@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from serving.cli.common import console, fail, load_settings, stdout
@@ -119,10 +120,12 @@ def show(request_id: str | None, client: str | None, since: str | None, limit: i
         elif "request" in content:
             text = str(content["request"])[:60]
         tokens = f"{r.get('prompt_tokens') or 0}+{r.get('completion_tokens') or 0}"
-        table.add_row(str(r.get("seq")), str(r.get("ts")), str(r.get("client")),
-                      str(r.get("endpoint")), str(r.get("model")), str(r.get("status")),
-                      tokens, str(r.get("latency_ms")),
-                      json.dumps(r.get("decisions") or {}, sort_keys=True), text)
+        # Record text is data, never rich markup: "[/x]" from a client must print as it is.
+        cells = [str(r.get("seq")), str(r.get("ts")), str(r.get("client")),
+                 str(r.get("endpoint")), str(r.get("model")), str(r.get("status")), tokens,
+                 str(r.get("latency_ms")), json.dumps(r.get("decisions") or {}, sort_keys=True),
+                 text]
+        table.add_row(*(escape(c) for c in cells))
     stdout.print(table)
 
 

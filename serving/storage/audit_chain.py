@@ -128,7 +128,13 @@ class AuditLog:
         self._recover()
 
     def _recover(self) -> None:
-        checkpoints = list(_read_jsonl(self.directory / CHECKPOINTS))
+        cp_path = self.directory / CHECKPOINTS
+        if cp_path.exists() and cp_path.stat().st_size:
+            _, torn = _last_line(cp_path)
+            if torn:  # a checkpoint half-written at a power loss: the next one starts clean
+                with cp_path.open("r+b") as fh:
+                    fh.truncate(cp_path.stat().st_size - torn)
+        checkpoints = [cp for cp in _read_jsonl(cp_path) if cp[1]]
         if checkpoints:
             self._checkpointed_seq = int(checkpoints[-1][1].get("seq", 0))
         for path in reversed(_segments(self.directory)):
@@ -137,10 +143,20 @@ class AuditLog:
                 with path.open("r+b") as fh:
                     fh.truncate(path.stat().st_size - torn)
                 self.recovered_torn_bytes += torn
-            if line is None:
+            if line is not None:
+                try:
+                    last = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    # A complete line that is not a record (a crash mid-sector): cut it too.
+                    cut = len(line) + 1
+                    with path.open("r+b") as fh:
+                        fh.truncate(path.stat().st_size - cut)
+                    self.recovered_torn_bytes += cut
+                    line, _ = _last_line(path)
+                    last = orjson.loads(line) if line is not None else None
+            if line is None or last is None:
                 path.unlink()  # created, then the process died before its first record
                 continue
-            last = orjson.loads(line)
             self.seq, self.last_hash = int(last["seq"]), str(last["hash"])
             self._segment = path.name
             self._size = path.stat().st_size
