@@ -28,11 +28,8 @@ from stdnum import luhn as _luhn
 from stdnum.fr import nir as _nir
 from stdnum.us import ssn as _ssn
 
-TYPES: tuple[str, ...] = (
-    "EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "IP_ADDRESS", "US_SSN", "FR_NIR",
-    "AWS_ACCESS_KEY", "API_KEY", "PRIVATE_KEY", "JWT", "BEARER_TOKEN", "SECRET_TOKEN")
-SECRET_TYPES = frozenset({"AWS_ACCESS_KEY", "API_KEY", "PRIVATE_KEY", "JWT", "BEARER_TOKEN",
-                          "SECRET_TOKEN"})
+from serving.storage.policies import PII_TYPES as TYPES  # what a policy may name
+
 
 
 @dataclass(frozen=True, slots=True)

@@ -222,7 +222,8 @@ class OutputFilter:
         self._decisions = decisions
         self._streams: dict[int, StreamRedactor] = {}
         self._kept: list[str] | None = [] if self._content != "none" else None
-        self._counted: Counter[str] = Counter()
+        # What the redactor had counted in the prompt: the answer's findings are the rest.
+        self._base: Counter[str] = Counter(redactor.counts)
 
     @property
     def rewrites_events(self) -> bool:
@@ -243,16 +244,12 @@ class OutputFilter:
                 f"The model called tool(s) not allowed for this client: {', '.join(names)}.")
 
     def _text(self, text: str, stream: StreamRedactor | None, final: bool) -> str:
-        before = Counter(self._redactor.counts)
         if stream is None:
             out = self._redactor.redact(text) if self._redact else text
         else:
             out = stream.feed(text)
             if final:
                 out += stream.flush()
-        if self._redact:
-            new = self._redactor.counts - before
-            self._counted.update(new)
         if self._kept is not None:
             self._kept.append(text if self._content == "encrypted" or not self._redact else out)
         return out
@@ -308,13 +305,16 @@ class OutputFilter:
         return changed
 
     def _settle(self) -> None:
-        if not self._counted:
+        if not self._redact:
             return
-        self._decisions.pii_output.update(self._counted)
+        new = self._redactor.counts - self._base
+        if not new:
+            return
+        self._base = Counter(self._redactor.counts)
+        self._decisions.pii_output.update(new)
         self._decisions.pii_output_action = "redact"
-        for kind, n in self._counted.items():
+        for kind, n in new.items():
             self._protector._count("pii_output", "redact", kind, n)
-        self._counted.clear()
 
     def finish(self) -> None:
         """The answer ended. Text still held back by a stream that ended without a finish
