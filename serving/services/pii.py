@@ -31,7 +31,6 @@ from stdnum.us import ssn as _ssn
 from serving.storage.policies import PII_TYPES as TYPES  # what a policy may name
 
 
-
 @dataclass(frozen=True, slots=True)
 class Finding:
     type: str
