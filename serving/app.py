@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -22,6 +23,7 @@ from serving.services.auth import KeyService
 from serving.services.budgets import BudgetLedger
 from serving.services.clients import ClientService
 from serving.services.engines import EnginePool
+from serving.services.offload import Offload
 from serving.services.policy import PolicyStore
 from serving.services.protection import Protector
 from serving.services.proxy import Upstream, new_session
@@ -71,7 +73,7 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
         client = httpx.AsyncClient(timeout=5.0, transport=transport, trust_env=False,
                                    follow_redirects=False)
         session = new_session(settings.upstream_connect_timeout_s,
-                              settings.upstream_read_timeout_s)
+                              settings.upstream_read_timeout_s, settings.upstream_keepalive_s)
         # A concurrency slot in Redis outlives any request; one left by a dead gateway expires.
         limiter = RateLimiter(settings.redis_url,
                               lease_ttl_s=max(600.0, 5 * settings.upstream_read_timeout_s))
@@ -80,7 +82,8 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
         issuer = TokenIssuer(SigningKeyRepository(db), pepper, settings.oauth_issuer,
                              settings.oauth_audience, settings.oauth_token_ttl_s)
         await issuer.start()
-        keys = KeyService(KeyRepository(db), pepper, settings.key_cache_ttl_s)
+        keys = KeyService(KeyRepository(db), pepper, settings.key_cache_ttl_s,
+                          settings.unknown_key_lookups_per_minute)
         app.state.settings = settings
         app.state.metrics = metrics
         app.state.pool = pool
@@ -93,6 +96,9 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
         app.state.tokens = TokenVerifier(issuer, external, client)
         app.state.gate = Gatekeeper(policies, limiter, ledger, metrics)
         app.state.protector = Protector(metrics)
+        app.state.offload = offload = Offload(settings.inspect_workers,
+                                              settings.inspect_inline_bytes)
+        offload.share_the_interpreter()
         app.state.audit = trail
         app.state.upstream = Upstream(session, pool, retry_after_s=settings.retry_after_s,
                                       connect_retries=settings.upstream_connect_retries)
@@ -106,6 +112,10 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
             asyncio.create_task(keys.keep_last_used(settings.last_used_flush_s)),
             asyncio.create_task(_refresh_signing_keys(issuer)),
         ]
+        # Everything built so far lives as long as the process: out of the collector's way, a
+        # full collection no longer walks the whole gateway (tens of milliseconds with the
+        # interpreter lock held, which stalled every client while a large request was scanned).
+        gc.freeze()
         log.info("gateway ready", extra={
             "models": sorted(pool.routes), "version": __version__,
             "engines_up": sum(e.healthy for e in pool.engines), "engines": len(pool.engines),
@@ -126,6 +136,7 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
             await client.aclose()
             await session.close()
             await db.dispose()
+            offload.close()
             await trail.close()  # the last records, a signed checkpoint, fsync
 
     app = FastAPI(title="Enclave gateway", version=__version__, lifespan=lifespan,
@@ -136,7 +147,9 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
     app.include_router(admin.router)
     app.include_router(ops.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log,
-                       direct=inference.DIRECT, audit=trail)
+                       direct=inference.DIRECT, audit=trail,
+                       max_in_flight=settings.max_concurrent_requests,
+                       ops_port=settings.ops_port)
     return app
 
 

@@ -10,9 +10,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from serving.errors import AuthenticationFailed, PermissionDenied
+from serving.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from serving.routes.middleware import context
-from serving.services.auth import KeyService
+from serving.services.auth import KeyService, LookupsThrottled
 from serving.services.auth import Principal as PrincipalT
 from serving.services.clients import ClientService
 from serving.services.engines import EnginePool
@@ -40,22 +40,28 @@ async def authenticate(request: Request) -> PrincipalT:
     """An API key or a signed token (ours or the configured identity provider's)."""
     credential = bearer(request)
     state = request.app.state
-    ctx = context(request.scope)
     if looks_like_jwt(credential):
-        principal = await _from_token(credential, state.tokens, state.clients)
+        principal = await _from_token(credential, state.tokens, state.clients,
+                                      state.settings.oidc_admin_scope)
     else:
         keys: KeyService = state.keys
-        record = await keys.verify(credential)
+        client = request.scope.get("client")
+        try:
+            record = await keys.verify(credential, address=str(client[0]) if client else None)
+        except LookupsThrottled:
+            raise RateLimited("Too many unknown keys from this address; retry in a minute.",
+                              60) from None
         if record is None:
             raise AuthenticationFailed()
         principal = keys.principal(record)
+    ctx = context(request.scope)
     ctx.key_id = principal.key_id
     ctx.client_id = principal.client_id
     return principal
 
 
-async def _from_token(token: str, verifier: TokenVerifier,
-                      clients: ClientService) -> PrincipalT:
+async def _from_token(token: str, verifier: TokenVerifier, clients: ClientService,
+                      admin_scope: str | None) -> PrincipalT:
     try:
         claims = await verifier.verify(token)
     except TokenRejected as exc:
@@ -65,10 +71,14 @@ async def _from_token(token: str, verifier: TokenVerifier,
         raise AuthenticationFailed("Invalid access token: unknown or disabled client.")
     # A provider's token that says nothing about scopes gets the inference scopes, bounded by
     # the client's policy; admin must always be asked for explicitly.
-    scopes = claims.scopes if claims.scopes is not None else INFERENCE_SCOPES
+    scopes = frozenset(claims.scopes if claims.scopes is not None else INFERENCE_SCOPES)
+    if claims.external:
+        # The provider's scope vocabulary is not ours: its "admin" means nothing here. Only
+        # the scope the operator named (ENCLAVE_OIDC_ADMIN_SCOPE) grants Enclave's admin.
+        granted = admin_scope is not None and admin_scope in scopes
+        scopes = (scopes - {"admin"}) | ({"admin"} if granted else frozenset())
     return PrincipalT(key_id=f"jwt:{claims.token_id[:16]}", name=client.id,
-                      client_id=client.id, policy=client.policy, scopes=frozenset(scopes),
-                      via="token")
+                      client_id=client.id, policy=client.policy, scopes=scopes, via="token")
 
 
 async def require_admin(request: Request) -> PrincipalT:

@@ -2,7 +2,10 @@
 
     GatewayError                      (500 internal_error)
     ├── InvalidRequest                (400 invalid_request_error)
+    │   ├── UnsupportedParameter      (400 unsupported_parameter)
+    │   ├── RequestTimeout            (408 request_timeout)
     │   └── PayloadTooLarge           (413)
+    │       └── InspectionTooLong     (413 inspection_too_long)
     ├── AuthenticationFailed          (401 invalid_api_key)
     ├── PermissionDenied              (403 permission_denied)
     ├── NotFound                      (404)
@@ -55,9 +58,29 @@ class InvalidRequest(GatewayError):
     code: str | None = None
 
 
+class UnsupportedParameter(InvalidRequest):
+    """A field the gateway's request contract does not declare, or one the client's policy
+    does not allow: refused, never dropped or forwarded."""
+
+    code = "unsupported_parameter"
+
+
+class RequestTimeout(InvalidRequest):
+    """The request (headers or body) was not received within its deadline."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "request_too_large"
+
+
+class InspectionTooLong(PayloadTooLarge):
+    """The request's text took longer than the per-request ceiling to inspect."""
+
+    code = "inspection_too_long"
 
 
 class AuthenticationFailed(GatewayError):

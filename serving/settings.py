@@ -48,6 +48,23 @@ class Settings(BaseSettings):
     dev_mode: bool = Field(False, description="Relaxes start-up checks; never in production.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    ops_host: str = Field("127.0.0.1", description="Where the operations listener binds")
+    ops_port: int | None = Field(
+        None, ge=1, le=65535, description="A second listener for /metrics and /readyz detail "
+        "(loopback or an admin network); the API port then serves neither. /healthz stays "
+        "on both")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request's headers must arrive within this long of its "
+        "first byte (or of the connection's opening), else 408 and the connection closes")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Its body within this long of the headers, else 408")
+    keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections close")
+    max_concurrent_requests: int = Field(
+        1024, ge=1, description="Requests in progress at once (health checks excepted); "
+        "beyond, 503 with Retry-After")
+    unknown_key_lookups_per_minute: int = Field(
+        600, ge=1, description="Database lookups of key ids that match no key, per client "
+        "address and minute; beyond, that address's uncached keys get 429 without a query")
 
     data_dir: Path = Field(default_factory=_default_data_dir)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
@@ -76,14 +93,29 @@ class Settings(BaseSettings):
     oidc_audience: str | None = None
     oidc_jwks_url: str | None = None
     oidc_client_claim: str = Field("azp", description="The claim naming the Enclave client")
+    oidc_admin_scope: str | None = Field(
+        None, min_length=1, description="The scope in an external provider's token that "
+        "grants Enclave's admin scope (e.g. enclave:admin); unset: external tokens never get "
+        "admin, whatever they carry")
 
     pepper: SecretStr | None = None
     pepper_file: Path | None = None
 
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    inspect_timeout_s: float = Field(
+        1.5, gt=0, description="The most time one request's text may take to validate and "
+        "inspect (personal data, guards); past it the request is refused (413)")
+    inspect_inline_bytes: int = Field(
+        32768, ge=0, description="Bodies up to this size are prepared on the event loop; "
+        "larger ones in a worker thread")
+    inspect_workers: int = Field(2, ge=1, le=64, description="Worker threads for large bodies")
     upstream_connect_timeout_s: float = Field(2.0, gt=0)
     upstream_read_timeout_s: float = Field(120.0, gt=0)
     upstream_connect_retries: int = Field(2, ge=0, le=10)
+    upstream_keepalive_s: float = Field(
+        4.0, gt=0, description="Idle pooled connections to engines close after this; keep it "
+        "below the engines' own keep-alive (vLLM: 5 s), so the gateway never sends on a "
+        "connection the engine is closing")
     retry_after_s: int = Field(5, ge=1)
     engine_health_interval_s: float = Field(1.0, gt=0)
     key_cache_ttl_s: float = Field(2.0, ge=0)
@@ -132,6 +164,8 @@ class Settings(BaseSettings):
                              "ENCLAVE_OIDC_AUDIENCE and ENCLAVE_OIDC_JWKS_URL together")
         if self.oidc_issuer is not None and self.oidc_issuer == self.oauth_issuer:
             raise ValueError("ENCLAVE_OIDC_ISSUER must differ from ENCLAVE_OAUTH_ISSUER")
+        if self.ops_port is not None and self.ops_port == self.port:
+            raise ValueError("ENCLAVE_OPS_PORT must differ from ENCLAVE_PORT")
         if self.redis_url is not None and not self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://")):
             raise ValueError("ENCLAVE_REDIS_URL must start with redis://, rediss:// or unix://")

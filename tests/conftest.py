@@ -106,6 +106,11 @@ class Engines:
     def stop(self) -> None:
         stop_process(self.proc, 60)
 
+    @property
+    def env_dir(self) -> Path:
+        """The engine environment (vLLM) the supervisor runs engines from."""
+        return Settings(pepper=SecretStr(TEST_PEPPER)).engine_env_dir
+
 
 @pytest.fixture(scope="session")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:

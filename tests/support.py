@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 import yaml
 
+from serving import server
 from serving.app import create_app
 from serving.bench.targets import free_port
 from serving.logs import JsonFormatter
@@ -95,11 +96,11 @@ class GatewayServer:
         self.settings = settings
         self.app = create_app(settings)
         self.port = settings.port
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None,
-                                access_log=False, lifespan="on", loop="asyncio")
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()),
-                                        daemon=True)
+        # The production server: the same protocol (receive deadlines) and listeners.
+        self.server = uvicorn.Server(server.config(self.app, settings, loop="asyncio"))
+        sockets = server.listeners(settings)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self.server.serve(sockets=sockets)), daemon=True)
 
     @property
     def url(self) -> str:
@@ -202,3 +203,68 @@ class GatewayProcess:
 
     def stop(self) -> None:
         stop_process(self.proc, 30)
+
+
+class RecordingProxy:
+    """A TCP relay in front of a real engine that keeps every byte the gateway sent it: what
+    the engine was given, exactly (the gateway's manifests point at the proxy's port)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._sent = bytearray()
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> RecordingProxy:
+        self._thread.start()
+        assert self._ready.wait(10), "the recording proxy did not start"
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def take(self) -> bytes:
+        """Everything sent upstream since the last call."""
+        with self._lock:
+            data = bytes(self._sent)
+            self._sent.clear()
+        return data
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._relay, "127.0.0.1", self.port))
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+            self._loop.run_until_complete(server.wait_closed())
+            self._loop.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       record: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if record:
+                        with self._lock:
+                            self._sent += data
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))

@@ -1,7 +1,8 @@
 """What data protection costs: the gateway with redaction, guards and the audit trail on, against
 the same gateway without them and the bare proxy, at c=16 on ~1 KB prompts (nginx answers);
-and, in-process, the detector's and the injection guard's cost per KB and the output filter's
-cost per streamed chunk, each against a baseline measured in the same run.
+and, in-process, the detector's and the injection guard's cost per KB, the detector on a
+megabyte of dense findings, the request contract's cost per ~1 KB request and the output
+filter's cost per streamed chunk, each against a baseline measured in the same run.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import orjson
 
+from serving import contract
 from serving.bench import targets
 from serving.bench.run import Cell, _measure
+from serving.contract.walk import slots
 from serving.metrics import GatewayMetrics
 from serving.services import guards
 from serving.services.pii import Detector
@@ -78,6 +81,8 @@ def inprocess(seconds: float = 1.0) -> dict[str, float]:
         "injection guard (us/KB)": _per_call_us(
             lambda: guards.injection_score([PROMPT_1KB]), seconds),
     }
+    out.update(_contract_us(seconds))
+    out.update(_dense_ms())
     events = [b"data: " + orjson.dumps({
         "id": "c", "object": "chat.completion.chunk", "choices": [
             {"index": 0, "delta": {"content": f" word{i} and more"}, "finish_reason": None}],
@@ -120,3 +125,41 @@ def _presidio_us_per_kb(text: str, seconds: float) -> float | None:
             r.analyze(text, r.supported_entities, None)
 
     return _per_call_us(run, seconds)
+
+
+def _contract_us(seconds: float) -> dict[str, float]:
+    """The request contract on a ~1 KB chat request (validate, walk the text, re-serialise)
+    against the JSON parse and dump that the gateway did before it had one."""
+    raw = BODY_1KB.encode()
+
+    def contract_path() -> None:
+        request = contract.parse("chat", raw)
+        slots(request)
+        contract.body(request)
+
+    def json_path() -> None:
+        orjson.dumps(orjson.loads(raw))
+
+    base = _per_call_us(json_path, seconds)
+    full = _per_call_us(contract_path, seconds)
+    return {"JSON parse + dump, ~1 KB chat (us)": base,
+            "request contract, ~1 KB chat: validate + text slots + serialise (us)": full,
+            "request contract adds (us)": full - base}
+
+
+def _dense_ms() -> dict[str, float]:
+    """The detector on 1 MiB where every few bytes are a finding (best of three)."""
+    emails = " ".join(f"u{i}@ex.io" for i in range(120_000))[:1 << 20]
+    mixed = ("Mail jane.doe@example.com or call +33 6 12 34 56 78; card 4111 1111 1111 1111; "
+             "host 10.1.2.3. " * 12_000)[:1 << 20]
+    detector = Detector()
+    out = {}
+    for name, text in (("1 MiB of e-mail addresses", emails),
+                       ("1 MiB of mixed findings", mixed)):
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            detector.find(text)
+            best = min(best, time.perf_counter() - started)
+        out[f"detector, {name} (ms)"] = best * 1000
+    return out

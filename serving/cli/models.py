@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from pathlib import Path
+
 import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -25,9 +29,28 @@ def ensure_engine_env(settings: Settings) -> EngineEnvironment:
     return env
 
 
+def _pinned_demo_sums(settings: Settings) -> dict[str, str]:
+    """The checksums the manifests pin for the built demo model (any version)."""
+    pinned: dict[str, str] = {}
+    with contextlib.suppress(ManifestError):
+        for manifest in load_manifests(settings.models_dir):
+            for version in manifest.versions:
+                if version.source.kind == "built" and version.source.path == "demo-chat":
+                    pinned.update(version.sha256)
+    return pinned
+
+
+def _built_matches(out: Path, pinned: dict[str, str]) -> bool:
+    try:
+        built = json.loads((out / "SHA256SUMS.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(built.get(name) == digest for name, digest in pinned.items())
+
+
 def build_demo_model(settings: Settings, force: bool = False) -> None:
     out = model_cache(settings.cache_dir) / "demo-chat"
-    if out.is_dir() and (out / "SHA256SUMS.json").exists() and not force:
+    if out.is_dir() and _built_matches(out, _pinned_demo_sums(settings)) and not force:
         console.print(f"demo model already built in {out}")
         return
     env = ensure_engine_env(settings)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
 
+from serving import server
 from serving.engines.supervisor import Supervisor
 from serving.settings import Settings
+
+log = logging.getLogger("enclave.gateway")
 
 
 class _Server(uvicorn.Server):
@@ -23,11 +27,7 @@ class _Server(uvicorn.Server):
 
 
 def gateway_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="none", http="httptools",
-        log_config=None, access_log=False, lifespan="on", timeout_graceful_shutdown=10,
-        server_header=False, date_header=False, proxy_headers=False)
-    return _Server(config)
+    return _Server(server.config(app, settings))
 
 
 async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | None,
@@ -39,15 +39,22 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
 
     if supervisor is not None:
         await supervisor.start()
-    server = gateway_server(app, settings) if app is not None else None
+    gateway = gateway_server(app, settings) if app is not None else None
     tasks: list[asyncio.Task[object]] = []
-    if server is not None:
-        tasks.append(asyncio.create_task(server.serve()))
+    if gateway is not None:
+        try:
+            sockets = server.listeners(settings)
+        except OSError as exc:
+            log.error("cannot listen", extra={"error": str(exc)})
+            if supervisor is not None:
+                await supervisor.stop()
+            return 1
+        tasks.append(asyncio.create_task(gateway.serve(sockets=sockets)))
 
     async def announce() -> None:
         if supervisor is not None and not await supervisor.wait_healthy(ready_timeout_s):
             return
-        while server is not None and not server.started:  # noqa: ASYNC110 (uvicorn has no event)
+        while gateway is not None and not gateway.started:  # noqa: ASYNC110 (uvicorn has no event)
             await asyncio.sleep(0.1)
         if on_ready is not None:
             on_ready()
@@ -57,8 +64,8 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
     await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
     announcer.cancel()
     code = 0
-    if server is not None:
-        server.should_exit = True
+    if gateway is not None:
+        gateway.should_exit = True
         for task in tasks:
             with contextlib.suppress(Exception):
                 await task

@@ -13,7 +13,8 @@ from serving.cli import serve
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
 from serving.cli.models import build_demo_model, ensure_engine_env
 from serving.cli.sidecar import ExporterProcess
-from serving.engines.sources import resolve_model_dir
+from serving.contract.completeness import gaps
+from serving.engines.sources import resolve_model_dir, vllm_fields
 from serving.engines.supervisor import Supervisor, WeightsError, state_file
 from serving.services.auth import IssuedKey
 from serving.settings import Settings
@@ -147,6 +148,24 @@ def engines_setup() -> None:
     """Create the engine environment (vLLM in its own virtualenv)."""
     env = ensure_engine_env(load_settings())
     console.print(f"engine environment ready: {env.root}")
+
+
+@engines.command("contract")
+def engines_contract() -> None:
+    """Check that the gateway's request contract covers every field the engine environment's
+    vLLM accepts (run it after upgrading vLLM); exit 1 and name each gap otherwise."""
+    env = ensure_engine_env(load_settings())
+    try:
+        found = gaps(vllm_fields(env))
+    except RuntimeError as exc:
+        fail(str(exc))
+    if found:
+        stdout.print("fields vLLM accepts that the request contract neither declares nor "
+                     "refuses:", markup=False)
+        for gap in found:
+            stdout.print(f"  {gap}", markup=False)
+        raise SystemExit(1)
+    stdout.print("the request contract covers every field vLLM accepts", markup=False)
 
 
 @engines.command("health")

@@ -30,9 +30,28 @@ CORPUS_MODULES = (
     "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time", "typing", "unittest",
     "urllib.parse", "uuid", "zipfile",
 )
+# ChatML, rendering every field a chat request can carry (tools and their schemas, documents,
+# names, reasoning, tool calls and their ids), as the templates of larger models do: the tests
+# read the engine's prompt back to see that each one arrives redacted.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\n# Tools\n' + (tools | tojson) + '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% if documents %}{{ '<|im_start|>system\n# Documents\n' }}"
+    "{% for doc in documents %}{{ (doc | tojson) + '\n' }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] }}"
+    "{% if message.get('name') %}{{ ' ' + message['name'] }}{% endif %}{{ '\n' }}"
+    "{% if message.get('reasoning') %}{{ '<think>' + message['reasoning'] + '</think>\n' }}"
+    "{% endif %}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{% set arguments = call['function']['arguments'] %}"
+    "{{ '\n<tool_call>' + call['id'] + ' ' + call['function']['name'] + ' '"
+    " + (arguments if arguments is string else arguments | tojson) + '</tool_call>' }}"
+    "{% endfor %}"
+    "{% if message.get('tool_call_id') %}{{ '\n[' + message['tool_call_id'] + ']' }}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

@@ -1,4 +1,5 @@
-"""Where a deployment's weights are on this host, and building the demo model."""
+"""Where a deployment's weights are on this host, building the demo model, and reading what
+the engine environment's vLLM accepts."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from serving.engines.environment import EngineEnvironment
 from serving.storage.manifests import Deployment
 
 BUILDER = Path(__file__).with_name("build_demo_model.py")
+FIELDS = Path(__file__).with_name("vllm_fields.py")
 
 
 def model_cache(cache_dir: Path) -> Path:
@@ -53,3 +55,14 @@ def build_demo(env: EngineEnvironment, out: Path,
         shutil.rmtree(out)
     tmp.rename(out)
     return files
+
+
+def vllm_fields(env: EngineEnvironment) -> dict[str, list[str]]:
+    """Every request field the engine environment's vLLM accepts (``vllm_fields.py``)."""
+    out = subprocess.run([str(env.python), str(FIELDS)], capture_output=True, text=True,
+                         timeout=300, check=False,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    if out.returncode != 0:
+        raise RuntimeError(f"reading vLLM's request fields failed:\n{out.stderr[-2000:]}")
+    fields: dict[str, list[str]] = json.loads(out.stdout)
+    return fields

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from serving.engines.environment import EngineEnvironment
-from serving.storage.manifests import Deployment
+from serving.storage.manifests import FORBIDDEN_ENGINE_ENV, Deployment
 
 log = logging.getLogger("enclave.supervisor")
 
@@ -62,7 +62,9 @@ _WITHHELD_PREFIXES = ("ENCLAVE_", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
 
 
 def engine_environment(extra: dict[str, str], gpu: bool = False) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_WITHHELD_PREFIXES)}
+    # Nor what would open an engine's development endpoints, whoever's shell set it.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(_WITHHELD_PREFIXES) and k not in FORBIDDEN_ENGINE_ENV}
     return {**env, **ENGINE_ENV, **({} if gpu else CPU_ENGINE_ENV), **extra}
 
 

@@ -1,16 +1,22 @@
-"""The OpenAI-compatible endpoints. Each one: authenticate, check the caller's policy (scope,
-model, caps), read a capped body, validate the fields the gateway acts on, take the client's
-rate-limit, concurrency and budget admission, then hand a ``RelayResponse`` to the server.
+"""The OpenAI-compatible endpoints. Each one: authenticate, check the caller's scope, read a
+capped body, prepare it (``intake.prepare``: the request contract, the model, the policy's fields
+and caps, every text inspected; in a worker thread when the body is large), bound its cost, take
+the client's rate-limit, concurrency and budget admission, then hand a ``RelayResponse`` to the
+server.
 
 Only the JSON body names the model: query parameters and headers are never read for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.deps import Pool, authenticate
@@ -20,16 +26,20 @@ from serving.errors import (
     GatewayError,
     InvalidRequest,
     PayloadTooLarge,
+    RequestTimeout,
 )
 from serving.responses import JSONResponse
 from serving.routes.middleware import context
 from serving.routes.relay import RelayResponse, send_error
-from serving.services import requests
+from serving.services import cost, intake
 from serving.services.admission import Gatekeeper
 from serving.services.audit import AuditTrail
-from serving.services.engines import EnginePool, EngineState, ModelRoute
+from serving.services.engines import EnginePool
+from serving.services.offload import Offload
 from serving.services.protection import Decisions, Protector
 from serving.services.proxy import Upstream
+from serving.settings import Settings
+from serving.storage.policies import Policy
 
 router = APIRouter()
 log = logging.getLogger("enclave.errors")
@@ -45,11 +55,15 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InvalidRequest("Invalid Content-Length header.") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body exceeds {limit} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client went away, or the server closed a connection past its body deadline.
+        raise RequestTimeout("The request body was not received in time.") from None
     return b"".join(chunks)
 
 
@@ -66,47 +80,69 @@ async def _forward(request: Request, endpoint: str) -> RelayResponse:
     policy = gate.authorize(principal, endpoint)
     pool: EnginePool = state.pool
     upstream: Upstream = state.upstream
+    settings: Settings = state.settings
     ctx = context(request.scope)
-    limit: int = state.settings.max_body_bytes
+    ctx.policy = policy
+    ctx.decisions = Decisions()
+    limit = settings.max_body_bytes
     if policy.caps.body_bytes is not None:
         limit = min(limit, policy.caps.body_bytes)
     raw = await read_body(request, limit)
-    payload = requests.decode(raw)
-    route, pinned = requests.resolve_model(payload, pool)
-    gate.check_model(principal, policy, route, payload["model"])
-    ctx.model = route.name
-    ctx.policy = policy
-    changed, cost = gate.apply_caps(policy, payload, endpoint, route, len(raw))
     protector: Protector = state.protector
-    ctx.decisions = Decisions()
-    inspection = protector.inspect(policy, payload, endpoint, ctx.decisions)
+    offload: Offload = state.offload
+    deadline = time.monotonic() + settings.inspect_timeout_s
+    prepared = await offload.run(len(raw), partial(
+        intake.prepare, raw, endpoint, principal, policy, pool, gate, protector, ctx, deadline))
+    parsed, inspection = prepared.parsed, prepared.inspection
     ctx.request_text = inspection.request_text
-    parsed = requests.validate(payload, raw, endpoint, route, pinned,
-                               changed or inspection.changed)
     ctx.stream = parsed.stream
-    cap = policy.caps.prompt_tokens
-    # A token is at least one byte of the body (byte-level tokenizers; the JSON around the text
-    # outweighs the chat template's tokens): only a body longer than the cap is counted.
-    if cap is not None and endpoint != "embeddings" and len(parsed.body) > cap:
-        await _check_prompt_tokens(upstream, route, endpoint, payload, ctx.request_id, pinned,
-                                   cap)
+    bounds = await _tighten(upstream, prepared, policy, ctx.request_id)
+    price = cost.bound(prepared.request, bounds, parsed.route.max_model_len)
+    cost.check_request_tokens(policy, price)
     if endpoint != "embeddings":
         ctx.output = protector.output_filter(policy, inspection)
-    admission = await gate.admit(principal, policy, route.name, cost)
+    admission = await gate.admit(principal, policy, parsed.route.name, price)
+    ctx.reserved_tokens = price.tokens
     return RelayResponse(upstream, parsed, ctx, gate, admission)
 
 
-async def _check_prompt_tokens(upstream: Upstream, route: ModelRoute, endpoint: str,
-                               payload: dict[str, Any], request_id: str,
-                               pinned: EngineState | None, cap: int) -> None:
-    count = await upstream.count_prompt_tokens(route, endpoint, payload, request_id, pinned)
-    if count is None:
-        raise EngineUnavailable(f"The prompt of '{route.name}' could not be measured against "
-                                "this client's cap; retry shortly.", 5)
-    if count > cap:
-        raise InvalidRequest(f"The prompt is {count} tokens; this client may send at most "
-                             f"{cap}.", param="messages" if endpoint == "chat" else "prompt",
-                             code="prompt_too_long")
+async def _tighten(upstream: Upstream, prepared: intake.Prepared, policy: Policy,
+                   request_id: str) -> list[int]:
+    """Each prompt's bound, replaced by the engine's own count (``/tokenize``) where a cap
+    would otherwise refuse on the byte bound: the prompt-length cap, per prompt; the
+    per-request token cap, for every prompt."""
+    request, parsed = prepared.request, prepared.parsed
+    bounds = list(prepared.bounds)
+    if parsed.endpoint == "embeddings":
+        return bounds
+    max_len = parsed.route.max_model_len
+    cap = policy.caps.prompt_tokens
+    over = {i for i, b in enumerate(bounds) if cap is not None and b > cap}
+    per_request = policy.caps.request_tokens
+    whole = per_request is not None and cost.bound(request, bounds, max_len).tokens > per_request
+    wanted = range(len(bounds)) if whole else sorted(over)
+    if not wanted:
+        return bounds
+    bodies = cost.tokenize_bodies(request, wanted)
+    counts = await asyncio.gather(*(
+        upstream.count_tokens(parsed.route, body, request_id, parsed.engine)
+        for body in bodies.values()))
+    for i, count in zip(bodies, counts, strict=True):
+        if count is not None:
+            bounds[i] = min(count, max_len)
+    for i in sorted(over):
+        if i not in bodies or counts[list(bodies).index(i)] is None:
+            raise EngineUnavailable(f"The prompt of '{parsed.route.name}' could not be "
+                                    "measured against this client's cap; retry shortly.", 5)
+        if cap is not None and bounds[i] > cap:
+            raise InvalidRequest(f"The prompt is {bounds[i]} tokens; this client may send at "
+                                 f"most {cap}.", param=_prompt_param(parsed.endpoint),
+                                 code="prompt_too_long")
+    return bounds
+
+
+def _prompt_param(endpoint: str) -> str:
+    return "messages" if endpoint == "chat" else "prompt"
 
 
 def _direct(endpoint: str) -> ASGIApp:

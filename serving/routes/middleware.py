@@ -14,6 +14,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving import logs
+from serving.errors import error_bytes
 from serving.logs import request_id_var
 from serving.metrics import GatewayMetrics
 from serving.services.audit import AUDITED, AuditTrail, build_record
@@ -36,21 +37,55 @@ ENDPOINTS = {
 _QUIET = frozenset({"healthz", "readyz", "metrics"})
 
 
+_OPS = frozenset({"healthz", "readyz", "metrics"})
+_NOT_FOUND = error_bytes("Not found.", "invalid_request_error", code="not_found")
+_BUSY = error_bytes("The gateway is at its limit of requests in progress. Retry shortly.",
+                    "service_unavailable", code="overloaded")
+
+
 def context(scope: Scope) -> RequestContext:
     ctx: RequestContext = scope[CONTEXT_KEY]
     return ctx
 
 
+def on_ops_listener(scope: Scope, ops_port: int | None) -> bool:
+    """True when operations endpoints may show their detail here: no separate operations
+    listener is configured, or the request arrived on it."""
+    if ops_port is None:
+        return True
+    server = scope.get("server")
+    return server is not None and server[1] == ops_port
+
+
+def _reply(status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> ASGIApp:
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()), *(extra or [])]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+_NOT_FOUND_APP = _reply(404, _NOT_FOUND)
+_BUSY_APP = _reply(503, _BUSY, [(b"retry-after", b"1")])
+
+
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, access_log: bool = True,
                  direct: dict[str, ASGIApp] | None = None,
-                 audit: AuditTrail | None = None) -> None:
+                 audit: AuditTrail | None = None, max_in_flight: int | None = None,
+                 ops_port: int | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.audit = audit
         self.access_log = access_log
         # POST paths answered by their own ASGI app, past FastAPI's routing (the hot path).
         self.direct = direct or {}
+        self.max_in_flight = max_in_flight
+        self.ops_port = ops_port
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,11 +120,23 @@ class RequestMiddleware:
                     await audit.record(build_record(ctx, status))
             await send(message)
 
-        self.metrics.in_flight.inc()
         target = self.direct.get(path) if scope["method"] == "POST" else None
+        if self.ops_port is not None:
+            # The operations listener serves operations only; the API port, no metrics.
+            on_ops = on_ops_listener(scope, self.ops_port)
+            if (on_ops and endpoint not in _OPS) or (not on_ops and endpoint == "metrics"):
+                ctx.error_code = "not_found"
+                target = _NOT_FOUND_APP
+        if (target is not _NOT_FOUND_APP and self.max_in_flight is not None
+                and self.in_flight >= self.max_in_flight and endpoint not in _QUIET):
+            ctx.error_code = "overloaded"
+            target = _BUSY_APP
+        self.metrics.in_flight.inc()
+        self.in_flight += 1
         try:
             await (target or self.app)(scope, receive, send_wrapper)
         finally:
+            self.in_flight -= 1
             self.metrics.in_flight.dec()
             if audit is not None and not audited:  # the client left, or the request failed
                 await audit.record(build_record(ctx, status), wait=False)
@@ -122,7 +169,8 @@ class RequestMiddleware:
                 "duration_ms": round(elapsed * 1000, 2),
             }
             for name in ("key_id", "client_id", "model", "engine", "prompt_tokens",
-                         "completion_tokens", "error_code"):
+                         "completion_tokens", "reserved_tokens", "charged_tokens",
+                         "error_code"):
                 value = getattr(ctx, name)
                 if value is not None:
                     extra[name] = value

@@ -15,11 +15,11 @@ from urllib.parse import parse_qs, unquote_plus
 import orjson
 from fastapi import APIRouter, Request
 
-from serving.errors import AuthenticationFailed, InvalidRequest
+from serving.errors import AuthenticationFailed, InvalidRequest, RateLimited
 from serving.responses import JSONResponse
 from serving.routes.inference import read_body
 from serving.routes.middleware import context
-from serving.services.auth import KeyService
+from serving.services.auth import KeyService, LookupsThrottled
 from serving.services.clients import ClientService
 from serving.services.policy import PolicyStore
 from serving.services.tokens import TokenIssuer
@@ -88,7 +88,13 @@ async def token(request: Request) -> JSONResponse:
     keys: KeyService = state.keys
     clients: ClientService = state.clients
     policies: PolicyStore = state.policies
-    record = await keys.verify(secret, kind="secret")
+    address = request.scope.get("client")
+    try:
+        record = await keys.verify(secret, kind="secret",
+                                   address=str(address[0]) if address else None)
+    except LookupsThrottled:
+        raise RateLimited("Too many unknown secrets from this address; retry in a minute.",
+                          60) from None
     if record is None or record.client_id != client_id:
         raise InvalidClient()
     client = await clients.get(client_id)

@@ -1,5 +1,10 @@
 """Operational endpoints: liveness, readiness and Prometheus metrics. No authentication:
 they expose no request content, and ``/metrics`` carries only bounded labels.
+
+With an operations listener configured (``ENCLAVE_OPS_PORT``), ``/metrics`` and the detail of
+``/readyz`` (model, engine and client names) are served there only: the API port answers
+``/readyz`` with its status alone, and the request middleware answers ``/metrics`` there with
+404. ``/healthz`` is served on both.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serving.deps import Pool
 from serving.responses import JSONResponse
+from serving.routes.middleware import on_ops_listener
 
 router = APIRouter()
 
@@ -27,10 +33,13 @@ async def readyz(request: Request, pool: Pool) -> JSONResponse:
     models = {name: any(e.healthy for e in route.engines) for name, route in pool.routes.items()}
     audit = request.app.state.audit
     ready = bool(models) and all(models.values()) and audit.healthy
+    status = 200 if ready else 503
+    if not on_ops_listener(request.scope, request.app.state.settings.ops_port):
+        return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=status)
     return JSONResponse({"status": "ready" if ready else "not_ready", "models": models,
                          "engines": engines,
                          "audit": "ok" if audit.healthy else "cannot_write"},
-                        status_code=200 if ready else 503)
+                        status_code=status)
 
 
 @router.get("/metrics")

@@ -15,12 +15,14 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from serving.contract import PATHS
 from serving.errors import EngineBadResponse, EngineTimeout, GatewayError, error_bytes
 from serving.services.admission import Admission, Gatekeeper
 from serving.services.context import RequestContext
+from serving.services.engine_errors import client_error
+from serving.services.intake import ParsedRequest
 from serving.services.protection import ToolCallRefused
 from serving.services.proxy import TIMEOUTS, TRANSPORT_ERRORS, Upstream
-from serving.services.requests import PATHS, ParsedRequest
 from serving.services.sse import StreamAccountant, usage_from_body
 
 _JSON = (b"content-type", b"application/json")
@@ -126,6 +128,7 @@ class RelayResponse(Response):
         output = self.ctx.output
         if output is not None:
             body = output.body(body)  # may refuse a tool call: nothing is sent yet
+        self._charge()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [_JSON, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -134,7 +137,8 @@ class RelayResponse(Response):
         output = self.ctx.output
         acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage,
                                 chunk_usage=self.parsed.chunk_usage,
-                                transform=output.event if output is not None else None)
+                                transform=output.event if output is not None else None,
+                                choices_per_prompt=self.parsed.n)
         started = False
         try:
             async for chunk in response.content.iter_any():
@@ -177,6 +181,12 @@ class RelayResponse(Response):
             self.ctx.ttft_s = acct.first_event_at - self.ctx.started
         if self.ctx.output is not None:
             self.ctx.output.finish()
+        self._charge()
+
+    def _charge(self) -> None:
+        """What the request will be charged, known before its last byte (the audit record is
+        written then); ``Gatekeeper.finish`` settles exactly this."""
+        self.ctx.charged_tokens = self.gate.charge(self.admission, self.ctx)[2]
 
     async def _end_with_error(self, send: Send, acct: StreamAccountant, message: str,
                               type_: str, code: str) -> None:
@@ -186,12 +196,15 @@ class RelayResponse(Response):
                     "more_body": False})
 
     async def _relay_error(self, send: Send, response: aiohttp.ClientResponse) -> None:
-        """Upstream 4xx passes through with its message; anything else becomes a 502."""
+        """An engine's 4xx reaches the client in the gateway's own words (never the engine's
+        message, which quotes the refused values); anything else becomes a 502."""
         body = await _read_capped(response)
         status = response.status
         if 400 <= status < 500 and status not in (401, 403):
             self.ctx.error_code = f"upstream_{status}"
-            body = _normalise_error(body, status)
+            param = {"chat": "messages", "completions": "prompt"}.get(self.parsed.endpoint,
+                                                                      "input")
+            body = client_error(body, status, param)
             headers = [_JSON, (b"content-length", str(len(body)).encode())]
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
@@ -209,22 +222,3 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
         if size > _MAX_UPSTREAM_ERROR_BODY:
             break
     return b"".join(chunks)[:_MAX_UPSTREAM_ERROR_BODY]
-
-
-def _normalise_error(body: bytes, status: int) -> bytes:
-    """vLLM's errors are OpenAI-shaped already; keep their message and make sure all four
-    fields are there. A body without a message gets a generic one."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        payload = None
-    err = payload.get("error") if isinstance(payload, dict) else None
-    if not isinstance(err, dict):
-        err = payload if isinstance(payload, dict) else {}
-    message = err.get("message")
-    if not isinstance(message, str):
-        return error_bytes(f"The engine refused the request ({status}).",
-                           "invalid_request_error", code=status)
-    return error_bytes(message, str(err.get("type") or "invalid_request_error"),
-                       err.get("param") if isinstance(err.get("param"), str) else None,
-                       err.get("code") if err.get("code") is not None else status)

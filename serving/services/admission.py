@@ -9,10 +9,9 @@ import itertools
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
+from serving.contract import PATHS
 from serving.errors import (
-    InvalidRequest,
     ModelNotFound,
     PermissionDenied,
     QuotaExceeded,
@@ -24,24 +23,16 @@ from serving.services import budgets
 from serving.services.auth import Principal
 from serving.services.budgets import BudgetLedger, LedgerUnavailable, Reservation
 from serving.services.context import RequestContext
+from serving.services.cost import Cost
 from serving.services.engines import ModelRoute
 from serving.services.policy import PolicyStore
 from serving.services.ratelimits import Denied, RateLimiter
-from serving.services.requests import PATHS
 from serving.storage.policies import Policy
 
 log = logging.getLogger("enclave.admission")
 _PROCESS = secrets.token_hex(6)
 _LEASES = itertools.count()
 _PATHS = {**PATHS, "models": "/v1/models"}
-
-
-@dataclass(frozen=True, slots=True)
-class Cost:
-    """The most a request can use: ``tokens`` in all, of which ``prompt`` for its prompt."""
-
-    tokens: int
-    prompt: int
 
 
 @dataclass(slots=True)
@@ -92,44 +83,6 @@ class Gatekeeper:
             # The same answer as for a model that does not exist: no enumeration.
             raise ModelNotFound(f"The model '{asked[:100]}' does not exist or you do not have "
                                 "access to it.", param="model")
-
-    def apply_caps(self, policy: Policy, payload: dict[str, Any], endpoint: str,
-                   route: ModelRoute, body_len: int) -> tuple[bool, Cost]:
-        """Enforce the policy's caps; fill in ``max_tokens`` from the cap when the request gives
-        none. Returns (payload changed, the most the request can cost)."""
-        caps = policy.caps
-        changed = False
-        n = payload.get("n", 1)
-        if n is None:
-            n = 1
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InvalidRequest("'n' must be a positive integer.", param="n")
-        if n > caps.n:
-            raise InvalidRequest(f"'n' is {n}; this client may ask for at most {caps.n}.",
-                                 param="n", code="n_exceeded")
-        if endpoint == "chat" and caps.messages is not None:
-            count = len(payload.get("messages") or ())
-            if count > caps.messages:
-                raise InvalidRequest(f"{count} messages; this client may send at most "
-                                     f"{caps.messages}.", param="messages",
-                                     code="too_many_messages")
-        # Every prompt token comes from the body's bytes: an upper bound without a tokenizer.
-        prompt_estimate = min(body_len, route.max_model_len)
-        if endpoint == "embeddings":
-            return changed, Cost(prompt_estimate, prompt_estimate)
-        param = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
-        asked = payload.get(param)
-        if asked is None and caps.max_tokens is not None:
-            # The engine clamps max_tokens to the context left after the prompt.
-            asked = payload["max_tokens"] = min(caps.max_tokens, route.max_model_len)
-            changed = True
-        elif caps.max_tokens is not None and isinstance(asked, int) and asked > caps.max_tokens:
-            raise InvalidRequest(f"'{param}' is {asked}; this client may ask for at most "
-                                 f"{caps.max_tokens}.", param=param, code="max_tokens_exceeded")
-        completion = asked if isinstance(asked, int) else route.max_model_len
-        completion = min(completion, route.max_model_len)
-        tokens = min(prompt_estimate + n * completion, n * route.max_model_len)
-        return changed, Cost(tokens, prompt_estimate)
 
     async def admit(self, principal: Principal, policy: Policy, model: str,
                     cost: Cost) -> Admission:
@@ -192,6 +145,7 @@ class Gatekeeper:
     async def finish(self, admission: Admission, ctx: RequestContext) -> None:
         """Settle the reservation with the real usage and give back the concurrent slot."""
         prompt, completion, charge = self.charge(admission, ctx)
+        ctx.charged_tokens = charge
         reservation = admission.reservation
         if reservation is not None and charge > reservation.tokens:
             log.warning("usage above the reservation", extra={

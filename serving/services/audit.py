@@ -67,6 +67,8 @@ def build_record(ctx: RequestContext, status: int, now: float | None = None) -> 
         "stream": ctx.stream,
         "prompt_tokens": ctx.prompt_tokens,
         "completion_tokens": ctx.completion_tokens,
+        "reserved_tokens": ctx.reserved_tokens,
+        "charged_tokens": ctx.charged_tokens,
         "latency_ms": round((end - ctx.started) * 1000, 2),
         "ttft_ms": round(ctx.ttft_s * 1000, 2) if ctx.ttft_s is not None else None,
         "client_disconnected": ctx.client_disconnected,

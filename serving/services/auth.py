@@ -22,6 +22,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
 from serving.storage.keys import KeyRecord, KeyRepository
 
 log = logging.getLogger("enclave.auth")
@@ -30,6 +34,7 @@ ID_HEX = 12
 _SECRET_BYTES = 32
 _KEY_LEN = len(PREFIX) + ID_HEX + 1 + 43
 _CACHE_MAX = 10_000
+_UNKNOWN_MAX = 50_000
 KINDS = ("api", "secret")
 
 
@@ -62,15 +67,30 @@ def split_key(key: str) -> str | None:
     return key_id
 
 
+class LookupsThrottled(Exception):
+    """This address has looked up too many unknown key ids lately."""
+
+
 class KeyService:
-    def __init__(self, repo: KeyRepository, pepper: bytes, cache_ttl_s: float = 2.0) -> None:
+    """``unknown_per_minute``: database lookups of key ids that match no key, per client
+    address and minute. A well-formed key with a made-up id costs a query (once: the miss is
+    cached); past the budget, an address's uncached ids are refused without one, so a flood of
+    random ids can neither load the database nor evict real keys from the cache. Ids that
+    resolve (real keys) never count."""
+
+    def __init__(self, repo: KeyRepository, pepper: bytes, cache_ttl_s: float = 2.0,
+                 unknown_per_minute: int = 600) -> None:
         if not pepper:
             raise ValueError("empty pepper")
         self._repo = repo
         self._pepper = pepper
         self._ttl = cache_ttl_s
-        # key id -> (expires at, record or None when unknown)
-        self._cache: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self._unknown_limit = RateLimitItemPerMinute(unknown_per_minute)
+        self._misses = MovingWindowRateLimiter(MemoryStorage())
+        # key id -> (expires at, record); ids that matched no key live apart, so that a flood
+        # of made-up ids costs one query each at most and never evicts a real key.
+        self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()
         self._pending: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._used: dict[str, datetime] = {}
 
@@ -92,6 +112,7 @@ class KeyService:
         record = await self._repo.add(key_id, name, self.digest(key), client_id=client_id,
                                       scopes=scopes, kind=kind, expires_at=expires_at,
                                       rotated_from=rotated_from)
+        self._unknown.pop(key_id, None)
         return IssuedKey(key=key, record=record)
 
     async def rotate(self, key_id: str, grace: timedelta | None,
@@ -110,13 +131,15 @@ class KeyService:
             self._cache.pop(old.id, None)
         return issued, old
 
-    async def verify(self, key: str, kind: str = "api") -> KeyRecord | None:
+    async def verify(self, key: str, kind: str = "api",
+                     address: str | None = None) -> KeyRecord | None:
         """The key's record if the key is genuine, active, unexpired, of this kind and its
-        client is enabled; else None."""
+        client is enabled; else None. Raises ``LookupsThrottled`` when ``address`` is past its
+        budget of unknown-id lookups and the id is not cached."""
         key_id = split_key(key)
         if key_id is None:
             return None
-        record = await self._lookup(key_id)
+        record = await self._lookup(key_id, address)
         # Always compute and compare, so an unknown id costs the same as a wrong secret.
         expected = record.digest if record is not None else "0" * 64
         matches = hmac.compare_digest(self.digest(key), expected)
@@ -155,24 +178,41 @@ class KeyService:
             await asyncio.sleep(interval_s)
             await self.flush_last_used()
 
-    async def _lookup(self, key_id: str) -> KeyRecord | None:
+    async def _lookup(self, key_id: str, address: str | None = None) -> KeyRecord | None:
         now = time.monotonic()
         hit = self._cache.get(key_id)
         if hit is not None and hit[0] > now:
             return hit[1]
+        unknown_until = self._unknown.get(key_id)
+        if unknown_until is not None and unknown_until > now:
+            return None
+        if address is not None and not self._misses.test(self._unknown_limit, address):
+            raise LookupsThrottled
         # Single flight: when an entry expires under load, one query refreshes it for all.
         pending = self._pending.get(key_id)
         if pending is None:
             pending = asyncio.ensure_future(self._fetch(key_id))
             self._pending[key_id] = pending
-        return await asyncio.shield(pending)
+        record = await asyncio.shield(pending)
+        if record is None and address is not None:
+            self._misses.hit(self._unknown_limit, address)
+        return record
 
     async def _fetch(self, key_id: str) -> KeyRecord | None:
         try:
             record = await self._repo.get(key_id)
         finally:
             self._pending.pop(key_id, None)
-        self._cache[key_id] = (time.monotonic() + self._ttl, record)
+        expires = time.monotonic() + self._ttl
+        if record is None:
+            self._cache.pop(key_id, None)
+            self._unknown[key_id] = expires
+            self._unknown.move_to_end(key_id)
+            while len(self._unknown) > _UNKNOWN_MAX:
+                self._unknown.popitem(last=False)
+            return None
+        self._unknown.pop(key_id, None)
+        self._cache[key_id] = (expires, record)
         self._cache.move_to_end(key_id)
         while len(self._cache) > _CACHE_MAX:
             self._cache.popitem(last=False)

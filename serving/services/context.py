@@ -34,3 +34,5 @@ class RequestContext:
     decisions: Any = None  # protection.Decisions: what the guards decided
     output: Any = None  # protection.OutputFilter, when the answer is filtered or kept
     request_text: str | None = None  # for the audit record's content only; never logged
+    reserved_tokens: int | None = None  # the cost bound held against the client's budget
+    charged_tokens: int | None = None  # what the request was charged when it ended

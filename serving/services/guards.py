@@ -18,6 +18,10 @@ from typing import Any
 
 import orjson
 
+from serving.contract import ChatRequest, CompletionRequest
+from serving.contract.chat import INSTRUCTION_ROLES
+from serving.contract.common import NamedToolChoice
+from serving.contract.walk import Slot
 from serving.storage.policies import Caps, ToolGuard
 
 # Each signal is one family of attack, with its weight; scores combine as independent
@@ -100,58 +104,37 @@ def _decoded_text(blob: str) -> str | None:
     return text
 
 
-def injection_texts(payload: dict[str, Any], endpoint: str) -> Iterator[str]:
-    """What an attacker controls: the user's messages and tool results (indirect injection),
-    a completion prompt. The operator's system prompt is not scored."""
-    if endpoint == "chat":
-        for message in payload.get("messages") or ():
-            if not isinstance(message, dict) or message.get("role") not in ("user", "tool"):
-                continue
-            content = message.get("content")
-            if isinstance(content, str):
-                yield content
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        yield part["text"]
-    elif endpoint == "completions":
-        prompt = payload.get("prompt")
-        if isinstance(prompt, str):
-            yield prompt
-        elif isinstance(prompt, list):
-            yield from (p for p in prompt if isinstance(p, str))
+def injection_texts(places: Iterable[Slot]) -> Iterator[str]:
+    """Every text the engine reads except the operator's own instructions (system and developer
+    messages): user messages, tool results, names, documents, tool definitions, schemas, stop
+    strings, a completion prompt, in every content-part type."""
+    for place in places:
+        if place.role not in INSTRUCTION_ROLES:
+            yield place.get()
 
 
 def _canonical(value: object) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def declared_tools(payload: dict[str, Any]) -> list[tuple[str, object]]:
+def declared_tools(request: ChatRequest) -> list[tuple[str, object]]:
     """(name, parameters) of every function the request declares or names in tool_choice."""
-    out: list[tuple[str, object]] = []
-    for tool in payload.get("tools") or ():
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(function, dict):
-            out.append((str(function.get("name", "")), function.get("parameters")))
-        else:
-            out.append(("", None))  # a tool of another kind: not on any allowlist
-    for function in payload.get("functions") or ():  # the legacy field
-        if isinstance(function, dict):
-            out.append((str(function.get("name", "")), function.get("parameters")))
-    choice = payload.get("tool_choice")
-    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        out.append((str(choice["function"].get("name", "")), _ANY))
+    out: list[tuple[str, object]] = [(tool.function.name, tool.function.parameters)
+                                     for tool in request.tools or ()]
+    choice = request.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        out.append((choice.function.name, _ANY))
     return out
 
 
 _ANY = object()  # tool_choice names a tool without its schema
 
 
-def disallowed_tools(guard: ToolGuard, payload: dict[str, Any]) -> list[str]:
+def disallowed_tools(guard: ToolGuard, request: ChatRequest) -> list[str]:
     """Names (sorted, unique) declared but not on the allowlist, or with parameters that differ
     from the policy's schema."""
     bad: set[str] = set()
-    for name, parameters in declared_tools(payload):
+    for name, parameters in declared_tools(request):
         spec = guard.allowed.get(name)
         if spec is None:
             bad.add(name or "(unnamed)")
@@ -179,32 +162,21 @@ class CapBreach:
     code: str
 
 
-def _count(value: object) -> int:
-    if value is None or value is False:
-        return 0
-    if value is True:
-        return 1
-    if isinstance(value, int):
-        return value
-    return -1  # not a number: the engine refuses it
-
-
-def cap_breaches(caps: Caps, payload: dict[str, Any]) -> list[CapBreach]:
-    """The caps beyond ``max_tokens``, ``n``, ``messages`` and ``body_bytes`` (checked by
-    admission): ``best_of``, log probabilities, stop sequences."""
+def cap_breaches(caps: Caps, request: ChatRequest | CompletionRequest) -> list[CapBreach]:
+    """The caps beyond ``max_tokens``, ``n``, ``prompts``, ``messages`` and ``body_bytes``
+    (always enforced): log probabilities, stop sequences."""
     out: list[CapBreach] = []
-    best_of = _count(payload.get("best_of"))
-    if best_of > caps.best_of:
-        out.append(CapBreach("best_of", f"'best_of' is {best_of}; this client may ask for at "
-                             f"most {caps.best_of}.", "best_of_exceeded"))
-    for param in ("logprobs", "top_logprobs"):
-        value = payload.get(param)
-        # Chat's logprobs is a boolean (top_logprobs says how many); completions' an integer.
-        asked = (1 if value else 0) if isinstance(value, bool) else _count(value)
-        if asked > caps.logprobs or (caps.logprobs == 0 and value):
+    if isinstance(request, ChatRequest):
+        asked = {"top_logprobs": max(request.top_logprobs or 0, 1 if request.logprobs else 0),
+                 "prompt_logprobs": request.prompt_logprobs or 0}
+    else:
+        asked = {"logprobs": request.logprobs or 0,
+                 "prompt_logprobs": request.prompt_logprobs or 0}
+    for param, value in asked.items():
+        if value > caps.logprobs:
             out.append(CapBreach(param, f"'{param}' is beyond this client's cap "
                                  f"({caps.logprobs}).", "logprobs_exceeded"))
-    stop = payload.get("stop")
+    stop = request.stop
     count = len(stop) if isinstance(stop, list) else (1 if isinstance(stop, str) else 0)
     if count > caps.stop:
         out.append(CapBreach("stop", f"{count} stop sequences; this client may give at most "

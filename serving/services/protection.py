@@ -9,26 +9,23 @@ the answer's text when the audit record is to hold it. Every decision goes into 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import orjson
 
-from serving.errors import GatewayError, InvalidRequest
+from serving.contract import ChatRequest, CompletionRequest, EmbeddingRequest, Request, answers
+from serving.contract.walk import Slot, slots, write_back
+from serving.errors import GatewayError, InspectionTooLong, InvalidRequest
 from serving.metrics import GatewayMetrics
 from serving.services import guards
-from serving.services.pii import Detector
-from serving.services.redaction import (
-    Redactor,
-    StreamRedactor,
-    request_texts,
-    response_texts,
-)
+from serving.services.pii import Detector, ScanTooLong
+from serving.services.redaction import Redactor, StreamRedactor
 from serving.storage.policies import Policy
-
-_BODY_PARAM = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 
 
 class ToolCallRefused(GatewayError):
@@ -79,8 +76,14 @@ class Inspection:
 
     decisions: Decisions
     redactor: Redactor | None
-    changed: bool
     request_text: str | None  # for the audit record's content, per its policy
+
+
+def _within(texts: Iterable[str], deadline: float | None) -> Iterator[str]:
+    for text in texts:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ScanTooLong
+        yield text
 
 
 class Protector:
@@ -90,22 +93,31 @@ class Protector:
     def _count(self, guard: str, action: str, kind: str, n: int = 1) -> None:
         self.metrics.guard_decisions.labels(guard, action, kind).inc(n)
 
-    def inspect(self, policy: Policy, payload: dict[str, Any], endpoint: str,
-                decisions: Decisions) -> Inspection:
-        """Raises ``InvalidRequest`` when a guard in ``block`` mode refuses the request;
-        ``decisions`` then says which."""
-        self._caps(policy, payload, decisions)
-        if endpoint == "chat":
-            self._tools(policy, payload, decisions)
-        if endpoint != "embeddings":
-            self._injection(policy, payload, endpoint, decisions)
-        return self._pii(policy, payload, endpoint, decisions)
+    def inspect(self, policy: Policy, request: Request, decisions: Decisions,
+                deadline: float | None = None) -> Inspection:
+        """Caps, tools, injection and personal data over every text the engine will read (the
+        contract's text slots); redacts in place under a redacting policy. Raises
+        ``InvalidRequest`` when a guard in ``block`` mode refuses the request (``decisions``
+        then says which), ``InspectionTooLong`` past ``deadline`` (``time.monotonic()``)."""
+        places = slots(request)
+        try:
+            if not isinstance(request, EmbeddingRequest):
+                self._caps(policy, request, decisions)
+                if isinstance(request, ChatRequest):
+                    self._tools(policy, request, decisions)
+                self._injection(policy, places, request, decisions, deadline)
+            return self._pii(policy, places, request, decisions, deadline)
+        except ScanTooLong:
+            raise InspectionTooLong(
+                "The request's text took too long to inspect; send less text per request.",
+                param=_param(request)) from None
 
-    def _caps(self, policy: Policy, payload: dict[str, Any], decisions: Decisions) -> None:
+    def _caps(self, policy: Policy, request: ChatRequest | CompletionRequest,
+              decisions: Decisions) -> None:
         caps = policy.caps
         if caps.mode == "off":
             return
-        breaches = guards.cap_breaches(caps, payload)
+        breaches = guards.cap_breaches(caps, request)
         for b in breaches:
             decisions.caps.append({"param": b.param, "action": caps.mode})
             self._count("caps", caps.mode, b.param)
@@ -114,11 +126,11 @@ class Protector:
             b = breaches[0]
             raise InvalidRequest(b.message, param=b.param, code=b.code)
 
-    def _tools(self, policy: Policy, payload: dict[str, Any], decisions: Decisions) -> None:
+    def _tools(self, policy: Policy, request: ChatRequest, decisions: Decisions) -> None:
         guard = policy.guards.tools
         if guard.mode == "off":
             return
-        bad = guards.disallowed_tools(guard, payload)
+        bad = guards.disallowed_tools(guard, request)
         if not bad:
             return
         names = [name[:64] for name in bad]
@@ -130,12 +142,12 @@ class Protector:
                 f"Tool(s) not allowed for this client, or with parameters that differ from the "
                 f"approved schema: {', '.join(names)}.", param="tools", code="tool_not_allowed")
 
-    def _injection(self, policy: Policy, payload: dict[str, Any], endpoint: str,
-                   decisions: Decisions) -> None:
+    def _injection(self, policy: Policy, places: list[Slot], request: Request,
+                   decisions: Decisions, deadline: float | None) -> None:
         guard = policy.guards.injection
         if guard.mode == "off":
             return
-        result = guards.injection_score(guards.injection_texts(payload, endpoint))
+        result = guards.injection_score(_within(guards.injection_texts(places), deadline))
         if result.score < guard.threshold:
             return
         decisions.injection = {"action": guard.mode, "score": result.score,
@@ -147,27 +159,18 @@ class Protector:
             raise InvalidRequest(
                 "The request looks like a prompt-injection attempt "
                 f"({', '.join(result.signals)}) and this client's policy blocks it.",
-                param=_BODY_PARAM[endpoint], code="prompt_injection")
+                param=_param(request), code="prompt_injection")
 
-    def _pii(self, policy: Policy, payload: dict[str, Any], endpoint: str,
-             decisions: Decisions) -> Inspection:
+    def _pii(self, policy: Policy, places: list[Slot], request: Request, decisions: Decisions,
+             deadline: float | None) -> Inspection:
         mode = policy.pii.input
         content = policy.audit.content
         if mode == "allow" and content == "none":
-            return Inspection(decisions, None, False, None)
+            return Inspection(decisions, None, None)
         redactor = Redactor(_detector(policy.pii.types))
-        try:
-            places = list(request_texts(payload, endpoint))
-        except ValueError as exc:
-            if mode == "allow":
-                return Inspection(decisions, redactor, False, None)
-            raise InvalidRequest(
-                "This client's prompts are inspected for personal data: send text, not token "
-                "ids.", param=str(exc), code="unsupported_prompt") from None
-        originals = [place[key] for place, key in places]
-        found = [redactor.find(text) for text in originals]
+        originals = [place.get() for place in places]
+        found = [redactor.find(text, deadline) for text in originals]
         kinds: Counter[str] = Counter(f.type for fs in found for f in fs)
-        changed = False
         if kinds and mode == "block":
             decisions.pii_input.update(kinds)
             decisions.pii_input_action = "block"
@@ -176,22 +179,20 @@ class Protector:
                 self._count("pii_input", "block", kind, n)
             raise InvalidRequest(
                 "The request contains personal data or secrets that this client may not send: "
-                f"{', '.join(sorted(kinds))}.", param=_BODY_PARAM[endpoint],
-                code="pii_detected")
-        redacted = [redactor.redact(text, fs) for text, fs in zip(originals, found, strict=True)]
+                f"{', '.join(sorted(kinds))}.", param=_param(request), code="pii_detected")
+        redacted = [redactor.redact(text, fs) if fs else text
+                    for text, fs in zip(originals, found, strict=True)]
         if kinds:
             decisions.pii_input.update(kinds)
             decisions.pii_input_action = "redact" if mode == "redact" else "allow"
             for kind, n in kinds.items():
                 self._count("pii_input", decisions.pii_input_action, kind, n)
-        if mode == "redact" and kinds:
-            for (place, key), text in zip(places, redacted, strict=True):
-                place[key] = text
-            changed = True
+            if mode == "redact":
+                write_back(places, redacted)
         request_text = None
         if content != "none":
             request_text = "\n".join(originals if content == "encrypted" else redacted)
-        return Inspection(decisions, redactor, changed, request_text)
+        return Inspection(decisions, redactor, request_text)
 
     def output_filter(self, policy: Policy, inspection: Inspection | None) -> OutputFilter | None:
         """What the relay applies to the answer; None when nothing is to be done."""
@@ -208,9 +209,19 @@ class Protector:
         return OutputFilter(self, policy, redactor, decisions)
 
 
+def _param(request: Request) -> str:
+    if isinstance(request, ChatRequest):
+        return "messages"
+    return "prompt" if isinstance(request, CompletionRequest) else "input"
+
+
 class OutputFilter:
     """One per answer. Complete answers go through ``body``; streamed events through
-    ``event`` (which edits the decoded event in place) and ``finish``."""
+    ``event`` (which edits the decoded event in place) and ``finish``.
+
+    Every string of the answer is filtered unless the output contract names it an identifier
+    (``contract.answers``); the fields that grow across a stream (content, reasoning, a tool
+    call's arguments, a completion's text) keep a bounded hold-back per choice."""
 
     def __init__(self, protector: Protector, policy: Policy, redactor: Redactor,
                  decisions: Decisions) -> None:
@@ -220,7 +231,8 @@ class OutputFilter:
         self._content = policy.audit.content
         self._redactor = redactor
         self._decisions = decisions
-        self._streams: dict[int, StreamRedactor] = {}
+        # (choice index, field, tool-call index) -> its hold-back
+        self._streams: dict[tuple[int, str, int], StreamRedactor] = {}
         self._kept: list[str] | None = [] if self._content != "none" else None
         # What the redactor had counted in the prompt: the answer's findings are the rest.
         self._base: Counter[str] = Counter(redactor.counts)
@@ -243,15 +255,14 @@ class OutputFilter:
             raise ToolCallRefused(
                 f"The model called tool(s) not allowed for this client: {', '.join(names)}.")
 
-    def _text(self, text: str, stream: StreamRedactor | None, final: bool) -> str:
-        if stream is None:
-            out = self._redactor.redact(text) if self._redact else text
-        else:
-            out = stream.feed(text)
-            if final:
-                out += stream.flush()
+    def _keep(self, original: str, sent: str) -> None:
         if self._kept is not None:
-            self._kept.append(text if self._content == "encrypted" or not self._redact else out)
+            self._kept.append(original if self._content == "encrypted" or not self._redact
+                              else sent)
+
+    def _whole(self, text: str) -> str:
+        out = self._redactor.redact(text) if self._redact else text
+        self._keep(text, out)
         return out
 
     def body(self, body: bytes) -> bytes:
@@ -266,9 +277,9 @@ class OutputFilter:
             if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
                 self._check_tools(choice["message"])
         changed = False
-        for place, key in response_texts(payload):
+        for place, key in list(answers.strings(payload)):
             text = place[key]
-            out = self._text(text, None, True)
+            out = self._whole(text)
             if out != text:
                 place[key] = out
                 changed = True
@@ -282,26 +293,83 @@ class OutputFilter:
             if not isinstance(choice, dict):
                 continue
             index = choice.get("index", 0)
+            if not isinstance(index, int):
+                index = 0
             final = choice.get("finish_reason") is not None
             delta = choice.get("delta")
-            place, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
             if isinstance(delta, dict):
                 self._check_tools(delta)
-            text = place.get(key)
-            if not isinstance(text, str) and not final:
-                continue
-            text = text if isinstance(text, str) else ""
-            stream = None
-            if self._redact:
-                stream = self._streams.get(index) if isinstance(index, int) else None
-                if stream is None and isinstance(index, int):
-                    stream = self._streams[index] = StreamRedactor(self._redactor)
-            out = self._text(text, stream, final)
-            if final and isinstance(index, int):
-                self._streams.pop(index, None)
-            if out != text or (final and out and place.get(key) is None):
+                for key in answers.STREAMED_DELTA:
+                    changed |= self._grow(delta, key, (index, key, 0), final)
+                for call in delta.get("tool_calls") or ():
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
+                        at = call.get("index", 0)
+                        changed |= self._grow(function, "arguments",
+                                              (index, "arguments",
+                                               at if isinstance(at, int) else 0), False)
+            for key in answers.STREAMED_CHOICE:
+                changed |= self._grow(choice, key, (index, key, 0), final)
+            if final:
+                changed |= self._flush_choice(choice, index)
+        # Every other string of the event, within the event.
+        for place, key in list(answers.strings(payload, answers.STREAMED_NAMES)):
+            text = place[key]
+            out = self._whole(text)
+            if out != text:
                 place[key] = out
                 changed = True
+        return changed
+
+    def _grow(self, place: dict[str, Any], key: str, stream_key: tuple[int, str, int],
+              final: bool) -> bool:
+        """One streamed field's new text, redacted with its hold-back."""
+        text = place.get(key)
+        if not isinstance(text, str):
+            return False
+        if not self._redact:
+            self._keep(text, text)
+            return False
+        stream = self._streams.get(stream_key)
+        if stream is None:
+            stream = self._streams[stream_key] = StreamRedactor(self._redactor)
+        out = stream.feed(text)
+        if final:
+            out += stream.flush()
+            del self._streams[stream_key]
+        self._keep(text, out)
+        if out != text:
+            place[key] = out
+            return True
+        return False
+
+    def _flush_choice(self, choice: dict[str, Any], index: int) -> bool:
+        """The choice ended: what its other streamed fields still hold goes out with this
+        event (tool-call arguments into that call's entry)."""
+        changed = False
+        for stream_key in [k for k in self._streams if k[0] == index]:
+            rest = self._streams.pop(stream_key).flush()
+            if not rest:
+                continue
+            changed = True
+            _, field, at = stream_key
+            if field in answers.STREAMED_CHOICE:
+                choice[field] = (choice.get(field) or "") + rest
+                continue
+            delta = choice.get("delta")
+            if not isinstance(delta, dict):
+                delta = choice["delta"] = {}
+            if field == "arguments":
+                calls = delta.setdefault("tool_calls", [])
+                entry = next((c for c in calls if isinstance(c, dict)
+                              and c.get("index", 0) == at), None)
+                if entry is None:
+                    entry = {"index": at, "function": {}}
+                    calls.append(entry)
+                function = entry.setdefault("function", {})
+                function["arguments"] = (function.get("arguments") or "") + rest
+            else:
+                delta[field] = (delta.get(field) or "") + rest
         return changed
 
     def _settle(self) -> None:

@@ -4,14 +4,13 @@ The hot path uses aiohttp's client: on the hosts we measured it costs a quarter 
 per proxied request (see the README's benchmark). Connect failures mark the engine down and
 move on to another healthy version of the model; when none is left the caller gets
 ``EngineUnavailable`` (503 + Retry-After). A timeout waiting for the engine is
-``EngineTimeout`` (504). Only the fixed paths in ``requests.PATHS`` are ever requested: nothing
+``EngineTimeout`` (504). Only the fixed paths in ``contract.PATHS`` are ever requested: nothing
 the client sends chooses the upstream path or query.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import aiohttp
 import orjson
@@ -26,8 +25,11 @@ TIMEOUTS = (asyncio.TimeoutError, aiohttp.ServerTimeoutError)
 TRANSPORT_ERRORS = (aiohttp.ClientError, *TIMEOUTS)
 
 
-def new_session(connect_timeout_s: float, read_timeout_s: float) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=30,
+def new_session(connect_timeout_s: float, read_timeout_s: float,
+                keepalive_s: float = 4.0) -> aiohttp.ClientSession:
+    # Idle connections are dropped before the engine drops them (vLLM's keep-alive is 5 s): a
+    # request sent on a connection the engine is closing fails after the engine had it.
+    connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=keepalive_s,
                                      ttl_dns_cache=None, use_dns_cache=False)
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
                                     sock_read=read_timeout_s)
@@ -85,14 +87,10 @@ class Upstream:
             return engine, response
         raise self.unavailable(route.name)
 
-    async def count_prompt_tokens(self, route: ModelRoute, endpoint: str,
-                                  payload: dict[str, Any], request_id: str,
-                                  pinned: EngineState | None = None) -> int | None:
-        """The prompt's length in the model's own tokens, from the engine's ``/tokenize``
-        (chat template included); None when no engine could say."""
-        field = "messages" if endpoint == "chat" else "prompt"
-        body = orjson.dumps({"model": route.name, field: payload.get(field),
-                             **({"add_generation_prompt": True} if endpoint == "chat" else {})})
+    async def count_tokens(self, route: ModelRoute, body: bytes, request_id: str,
+                           pinned: EngineState | None = None) -> int | None:
+        """A prompt's length in the model's own tokens, from the engine's ``/tokenize`` (the
+        chat template included for messages); None when no engine could say."""
         engine = pinned if pinned is not None and pinned.healthy else route.pick(exclude=set())
         if engine is None:
             raise self.unavailable(route.name)

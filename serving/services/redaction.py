@@ -10,8 +10,6 @@ across events is caught without buffering the stream.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any
 
 from serving.services.pii import Detector, Finding
 
@@ -32,8 +30,8 @@ class Redactor:
         self._placeholders: dict[str, str] = {}
         self._numbers: Counter[str] = Counter()
 
-    def find(self, text: str) -> list[Finding]:
-        return self.detector.find(text)
+    def find(self, text: str, deadline: float | None = None) -> list[Finding]:
+        return self.detector.find(text, deadline)
 
     def placeholder(self, kind: str, value: str) -> str:
         existing = self._placeholders.get(value)
@@ -98,49 +96,3 @@ class StreamRedactor:
     def flush(self) -> str:
         rest, self._pending = self._pending, ""
         return self._redactor.redact(rest) if rest else ""
-
-
-def request_texts(payload: dict[str, Any], endpoint: str) -> Iterator[tuple[Any, Any]]:
-    """The places in a request body that hold text, as (container, key) pairs. Raises
-    ``ValueError`` for a prompt given as token ids, which cannot be inspected."""
-    if endpoint == "chat":
-        for message in payload.get("messages") or ():
-            if not isinstance(message, dict):
-                continue
-            content = message.get("content")
-            if isinstance(content, str):
-                yield message, "content"
-            elif isinstance(content, list):
-                for part in content:
-                    if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        yield part, "text"
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    yield function, "arguments"
-        return
-    key = "prompt" if endpoint == "completions" else "input"
-    value = payload.get(key)
-    if isinstance(value, str):
-        yield payload, key
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            if isinstance(item, str):
-                yield value, i
-            else:
-                raise ValueError(key)
-
-
-def response_texts(payload: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
-    """The text of a complete (non-streamed) chat or completion answer."""
-    for choice in payload.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        if isinstance(choice.get("text"), str):
-            yield choice, "text"
-        message = choice.get("message")
-        if isinstance(message, dict):
-            if isinstance(message.get("content"), str):
-                yield message, "content"
-            if isinstance(message.get("reasoning_content"), str):
-                yield message, "reasoning_content"

@@ -7,6 +7,11 @@ complete. What the client did not ask for is taken out on the way: the usage-onl
 without ``include_usage``; the per-event usage without ``continuous_usage_stats`` (``null`` when
 the client asked for ``include_usage``, as OpenAI sends it, absent otherwise). Events without a
 usage object pass through untouched.
+
+With several choices (``n``, or a list of prompts), vLLM's per-event usage is that event's
+choice's own: the prompt of its prompt (choice index // n) and the tokens of that choice. The
+totals are the sum over prompts and choices, until the last, usage-only event gives the engine's
+own totals.
 """
 
 from __future__ import annotations
@@ -25,17 +30,32 @@ _MAX_PENDING = 1 << 20  # an event larger than this is relayed as it is, unparse
 
 class StreamAccountant:
     def __init__(self, strip_usage_event: bool, chunk_usage: str = "keep",
-                 transform: Callable[[dict[str, Any]], bool] | None = None) -> None:
+                 transform: Callable[[dict[str, Any]], bool] | None = None,
+                 choices_per_prompt: int = 1) -> None:
         """``chunk_usage``: what to do with usage on content events: "keep", "null", "drop".
         ``transform``: called with every decoded data event (it may edit it; True when it
         did), e.g. the output filter that redacts streamed text."""
         self._strip = strip_usage_event
         self._transform = transform
         self._chunk_usage = chunk_usage
+        self._n = max(choices_per_prompt, 1)
         self._pending = b""
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
+        self._prompts: dict[int, int] = {}  # prompt index -> its tokens
+        self._choices: dict[int, int] = {}  # choice index -> tokens generated so far
+        self._final: tuple[int | None, int | None] | None = None  # the usage-only event's
         self.first_event_at: float | None = None
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        if self._final is not None and self._final[0] is not None:
+            return self._final[0]
+        return sum(self._prompts.values()) if self._prompts else None
+
+    @property
+    def completion_tokens(self) -> int | None:
+        if self._final is not None and self._final[1] is not None:
+            return self._final[1]
+        return sum(self._choices.values()) if self._choices else None
 
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from the engine; return the bytes to send to the client now."""
@@ -97,11 +117,19 @@ class StreamAccountant:
             return "other", payload
         prompt = _int(usage.get("prompt_tokens"))
         completion = _int(usage.get("completion_tokens"))
-        if prompt is not None:
-            self.prompt_tokens = prompt
-        if completion is not None:
-            self.completion_tokens = completion
-        return ("usage_only" if payload.get("choices") == [] else "content"), payload
+        choices = payload.get("choices")
+        if choices == []:
+            self._final = (prompt, completion)
+            return "usage_only", payload
+        index = _choice_index(choices)
+        if index is None:  # several choices in one event: take its usage as the totals
+            self._prompts, self._choices = {0: prompt or 0}, {0: completion or 0}
+        else:
+            if prompt is not None:
+                self._prompts[index // self._n] = prompt
+            if completion is not None:
+                self._choices[index] = max(completion, self._choices.get(index, 0))
+        return "content", payload
 
 
 def usage_from_body(body: bytes) -> tuple[int | None, int | None]:
@@ -114,6 +142,12 @@ def usage_from_body(body: bytes) -> tuple[int | None, int | None]:
     if not isinstance(usage, dict):
         return None, None
     return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens"))
+
+
+def _choice_index(choices: object) -> int | None:
+    if isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0], dict):
+        return _int(choices[0].get("index", 0))
+    return None
 
 
 def _int(value: object) -> int | None:

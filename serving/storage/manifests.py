@@ -18,9 +18,25 @@ from serving.storage.yamlfile import parse_model
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 # Engine flags the supervisor owns: a manifest must not move the engine off loopback or expose
 # vLLM's development endpoints.
-FORBIDDEN_ENGINE_ARGS = frozenset({
+OWNED_ENGINE_ARGS = frozenset({
     "--host", "--port", "--model", "--served-model-name", "--api-key", "--uds",
     "--enable-server-load-tracking", "--allow-credentials", "--allowed-origins",
+})
+# Flags that would let a request do what the gateway's contract refuses (a template or
+# processor arguments from the request, prompt embeddings, media fetched from URLs or read from
+# the engine host's disk, calls to an outside tool server), open another listener, load code,
+# or write prompts and answers into the engine's log.
+UNSAFE_ENGINE_ARGS = frozenset({
+    "--trust-request-chat-template", "--trust-request-mm-kwargs", "--enable-prompt-embeds",
+    "--allowed-local-media-path", "--allowed-media-domains", "--tool-server", "--middleware",
+    "--grpc-port", "--enable-log-requests", "--enable-log-outputs", "--root-path",
+})
+FORBIDDEN_ENGINE_ARGS = OWNED_ENGINE_ARGS | UNSAFE_ENGINE_ARGS
+# Engine environment variables that open development endpoints (/collective_rpc, /sleep, ...)
+# or turn request logging on.
+FORBIDDEN_ENGINE_ENV = frozenset({
+    "VLLM_SERVER_DEV_MODE", "VLLM_DEBUG_LOG_API_SERVER_RESPONSE",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_TORCH_PROFILER_DIR",
 })
 
 Task = Literal["chat", "embed"]
@@ -70,9 +86,21 @@ class Engine(BaseModel):
     def _no_owned_flags(cls, args: list[str]) -> list[str]:
         for arg in args:
             flag = arg.split("=", 1)[0]
-            if flag in FORBIDDEN_ENGINE_ARGS:
+            if flag in OWNED_ENGINE_ARGS:
                 raise ValueError(f"engine argument {flag} is set by the supervisor, not a manifest")
+            if flag in UNSAFE_ENGINE_ARGS:
+                raise ValueError(f"engine argument {flag} would let requests or logs past the "
+                                 "gateway's policy; it cannot be set")
         return args
+
+    @field_validator("env")
+    @classmethod
+    def _no_unsafe_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if name in FORBIDDEN_ENGINE_ENV:
+                raise ValueError(f"engine environment variable {name} opens development "
+                                 "endpoints or logs requests; it cannot be set")
+        return env
 
 
 class Version(BaseModel):

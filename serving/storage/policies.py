@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.contract import control_fields
 from serving.storage.manifests import NAME_RE
 from serving.storage.yamlfile import parse_model
 
@@ -35,16 +36,23 @@ GuardMode = Literal["off", "flag", "block"]
 
 class Caps(_Strict):
     """Bounds on one request (OWASP LLM10, unbounded consumption). ``max_tokens``, ``n``,
-    ``messages`` and ``body_bytes`` are always enforced: they bound what the gateway reads and
-    what the budget reserves. ``mode`` governs the others (``best_of``, ``logprobs``, ``stop``):
-    ``block`` refuses a request beyond them (400), ``flag`` lets it through and records it,
-    ``off`` ignores them."""
+    ``prompts``, ``messages``, ``body_bytes`` and ``request_tokens`` are always enforced: they
+    bound what the gateway reads and what the budget reserves. ``mode`` governs the others
+    (``logprobs``, ``stop``): ``block`` refuses a request beyond them (400), ``flag`` lets it
+    through and records it, ``off`` ignores them."""
 
     mode: GuardMode = "block"
     max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens; also the "
                                    "default when a request gives none.")
-    n: int = Field(default=1, ge=1, le=128)
-    best_of: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=128, description="Choices per prompt")
+    prompts: int = Field(default=16, ge=1, le=4096, description="Prompts in one completions "
+                         "request, inputs in one embeddings request")
+    request_tokens: int | None = Field(
+        default=None, ge=1, description="The most tokens one request may reserve: every "
+        "prompt's bound plus n times max_tokens, per prompt")
+    best_of: int = Field(default=1, ge=1, le=128, description="Unused: the engines no longer "
+                         "accept best_of, and the gateway refuses it. Kept so that older policy "
+                         "files still load.")
     logprobs: int = Field(default=20, ge=0, le=20, description="Largest logprobs / "
                           "top_logprobs; 0: no log probabilities")
     stop: int = Field(default=4, ge=0, le=64, description="Most stop sequences")
@@ -123,6 +131,9 @@ class Policy(_Strict):
     description: str = ""
     models: tuple[str, ...] = ()
     scopes: tuple[Scope, ...] = Field(min_length=1)
+    engine_control: tuple[str, ...] = Field(
+        default=(), description="Engine-control request fields this client may send "
+        "(chat_template, chat_template_kwargs, token_id_prompts, ...); every other is refused")
     caps: Caps = Field(default_factory=Caps)
     limits: Limits = Field(default_factory=Limits)
     budgets: Budgets = Field(default_factory=Budgets)
@@ -139,6 +150,10 @@ class Policy(_Strict):
             raise ValueError("an admin policy cannot list models")
         if len(set(self.scopes)) != len(self.scopes):
             raise ValueError("scopes repeat")
+        unknown = sorted(set(self.engine_control) - control_fields())
+        if unknown:
+            raise ValueError(f"engine_control: unknown field(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(control_fields()))}")
         return self
 
     def allows_model(self, model: str) -> bool:

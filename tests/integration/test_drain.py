@@ -90,19 +90,24 @@ def _watch_a_long_request(gateway: GatewayProcess, admin_key: str,
 
     def long_request() -> None:
         started = time.monotonic()
-        resp = httpx.post(f"{gateway.url}/v1/chat/completions", json=LONG,
-                          headers=bearer(api_key), timeout=120)
+        with httpx.Client(timeout=120) as client:
+            resp = client.post(f"{gateway.url}/v1/chat/completions", json=LONG,
+                               headers=bearer(api_key))
         outcome.update(status=resp.status_code, seconds=time.monotonic() - started,
                        body=resp.text[:120])
         done.set()
 
-    threading.Thread(target=long_request).start()
-    seen, polls, t0 = 0, [], time.monotonic()
-    while not done.is_set() and not seen:
-        asked = time.monotonic()
-        seen = int(engines(gateway, admin_key)[DEPLOYMENT]["in_flight"])  # type: ignore[call-overload]
-        polls.append((round(asked - t0, 2), round(time.monotonic() - asked, 2), seen))
-        time.sleep(0.05)
+    # One client for every poll: a new httpx client per call, beside the thread above, was
+    # seen to wait seconds before it even connected (the gateway answered curl at once).
+    with httpx.Client(timeout=10, headers=bearer(admin_key)) as polling:
+        threading.Thread(target=long_request).start()
+        seen, polls, t0 = 0, [], time.monotonic()
+        while not done.is_set() and not seen:
+            asked = time.monotonic()
+            listed = polling.get(f"{gateway.url}/admin/v1/engines").json()["data"]
+            seen = next(int(e["in_flight"]) for e in listed if e["deployment"] == DEPLOYMENT)
+            polls.append((round(asked - t0, 2), round(time.monotonic() - asked, 2), seen))
+            time.sleep(0.05)
     done.wait(120)
     return seen, outcome, polls
 

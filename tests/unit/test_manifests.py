@@ -48,6 +48,24 @@ def test_a_manifest_cannot_set_what_the_supervisor_owns(tmp_path: Path, arg: str
         load_manifest(write(tmp_path, data))
 
 
+@pytest.mark.parametrize("arg", ["--trust-request-chat-template", "--enable-prompt-embeds",
+                                 "--allowed-local-media-path=/", "--enable-log-requests",
+                                 "--tool-server", "--grpc-port=9000"])
+def test_a_manifest_cannot_open_the_engine_past_the_gateways_policy(tmp_path: Path,
+                                                                    arg: str) -> None:
+    data = demo()
+    data["versions"][0]["engine"]["args"] = [arg]  # type: ignore[index]
+    with pytest.raises(ManifestError, match="cannot be set"):
+        load_manifest(write(tmp_path, data))
+
+
+def test_a_manifest_cannot_turn_on_development_endpoints(tmp_path: Path) -> None:
+    data = demo()
+    data["versions"][0]["engine"]["env"] = {"VLLM_SERVER_DEV_MODE": "1"}  # type: ignore[index]
+    with pytest.raises(ManifestError, match="VLLM_SERVER_DEV_MODE"):
+        load_manifest(write(tmp_path, data))
+
+
 def test_unknown_fields_are_refused_with_their_location(tmp_path: Path) -> None:
     data = demo()
     data["versions"][0]["engnie"] = {}  # type: ignore[index]

@@ -3,10 +3,13 @@ placeholders, and streamed text split anywhere."""
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import pytest
 
-from serving.services.pii import Detector
-from serving.services.redaction import HOLD, Redactor, StreamRedactor, request_texts
+from serving.services.pii import Detector, ScanTooLong
+from serving.services.redaction import HOLD, Redactor, StreamRedactor
 
 CARD = "4111 1111 1111 1111"
 IBAN = "FR76 3000 6000 0112 3456 7890 189"
@@ -99,6 +102,15 @@ def test_stream_hold_back_is_bounded() -> None:
     assert held <= HOLD + 8
 
 
-def test_token_id_prompts_cannot_be_inspected() -> None:
-    with pytest.raises(ValueError):
-        list(request_texts({"prompt": [[1, 2, 3]]}, "completions"))
+def test_a_scan_past_its_deadline_stops() -> None:
+    text = " ".join(f"u{i}@ex.io" for i in range(50_000))
+    with pytest.raises(ScanTooLong):
+        Detector().find(text, deadline=time.monotonic() - 1)
+
+
+def test_overlapping_findings_keep_the_earlier_rules_span() -> None:
+    # A JWT holds long tokens; an e-mail inside a URL-like string; each span is claimed once.
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc123def456ghi"
+    found = Detector().find(f"{jwt} then {EMAIL} then {jwt}")
+    assert [f.type for f in found] == ["JWT", "EMAIL", "JWT"]
+    assert all(a.end <= b.start for a, b in itertools.pairwise(found))

@@ -699,3 +699,24 @@ def test_an_unusable_key_in_the_idp_jwks_does_not_break_the_others(
                  "iat": int(time.time()), "exp": int(time.time()) + 300},
                 b"k" * 32, algorithm="HS256", headers={"kid": oct_key["kid"]})
             assert models(gateway, hmac_token).status_code == 401
+
+
+def test_an_idp_tokens_own_admin_scope_is_never_enclaves_admin(
+        tmp_path: Path, idp: JwksServer, idp_key: RsaKey) -> None:
+    """A provider's scope vocabulary is not ours: "admin" in its token means nothing here unless
+    the operator names the provider scope that grants Enclave's admin."""
+    def admin_listing(gateway: GatewayServer, token: str) -> httpx.Response:
+        return httpx.get(gateway.url + "/admin/v1/clients", headers=bearer(token), timeout=10)
+
+    for mapped in (None, "enclave:admin"):
+        root = tmp_path / str(mapped)
+        settings = gateway_settings(root, copy_manifests(root / "models"),
+                                    oidc_issuer="https://idp.test", oidc_audience="enclave-api",
+                                    oidc_jwks_url=idp.url, oidc_admin_scope=mapped)
+        made = cli(settings, "clients", "create", "ops", "--policy", "admin")
+        assert made.returncode == 0, made.stderr
+        with running_gateway(settings) as gateway:
+            plain = admin_listing(gateway, idp_key.sign(azp="ops", scope="admin"))
+            assert assert_openai_error(plain, 403)["code"] == "permission_denied"
+            named = admin_listing(gateway, idp_key.sign(azp="ops", scope="enclave:admin"))
+            assert named.status_code == (200 if mapped else 403), named.text
