@@ -10,11 +10,13 @@
     ├── PermissionDenied              (403 permission_denied)
     ├── NotFound                      (404)
     │   └── ModelNotFound             (404 model_not_found)
+    ├── MethodNotAllowed              (405 method_not_allowed)
     ├── RetryLater                    (+ Retry-After)
     │   ├── RateLimited               (429 rate_limit_exceeded)
     │   │   └── QuotaExceeded         (429 insufficient_quota)
     │   ├── EngineUnavailable         (503 engine_unavailable)
     │   ├── StoreUnavailable          (503 state_store_unavailable)
+    │   ├── GatewayBusy               (503 overloaded)
     │   └── AuditUnavailable          (503 audit_unavailable)
     ├── EngineTimeout                 (504)
     └── EngineBadResponse             (502)
@@ -127,6 +129,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class EngineUnavailable(RetryLater):
     status = 503
     type = "service_unavailable"
@@ -137,6 +145,14 @@ class StoreUnavailable(RetryLater):
     status = 503
     type = "service_unavailable"
     code = "state_store_unavailable"
+
+
+class GatewayBusy(RetryLater):
+    """The gateway's ceiling on requests in progress is reached."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "overloaded"
 
 
 class AuditUnavailable(RetryLater):

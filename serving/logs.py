@@ -17,6 +17,9 @@ from typing import Any
 
 import orjson
 
+from serving.domain.endpoints import OTHER
+from serving.domain.outcome import Outcome
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "enclave_request_id", default=None)
 
@@ -131,6 +134,33 @@ class BufferedHandler(logging.Handler):
 
 _fast: BufferedHandler | None = None
 _access_logger = logging.getLogger("enclave.access")
+
+
+_ACCESS_FIELDS = ("key_id", "client_id", "model", "engine", "prompt_tokens",
+                  "completion_tokens", "reserved_tokens", "charged_tokens", "error_code")
+
+
+def access_fields(outcome: Outcome, method: str, path: str) -> dict[str, Any]:
+    """The access-log line of one request, from its outcome: identifiers and counts, never
+    request text."""
+    fields: dict[str, Any] = {
+        "method": method,
+        "path": path if outcome.endpoint != OTHER else "(unrouted)",
+        "endpoint": outcome.endpoint,
+        "status": outcome.status,
+        "duration_ms": round(outcome.duration_s * 1000, 2),
+    }
+    for name in _ACCESS_FIELDS:
+        value = getattr(outcome, name)
+        if value is not None:
+            fields[name] = value
+    if outcome.stream:
+        fields["stream"] = True
+    if outcome.ttft_s is not None:
+        fields["ttft_ms"] = round(outcome.ttft_s * 1000, 2)
+    if outcome.client_disconnected:
+        fields["client_disconnected"] = True
+    return fields
 
 
 def access(fields: dict[str, Any]) -> None:

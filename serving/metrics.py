@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from serving.domain.endpoints import QUIET
+from serving.domain.outcome import Outcome
+
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -60,3 +63,20 @@ class GatewayMetrics:
         self.client_disconnects = Counter(
             "enclave_client_disconnects", "Requests the client abandoned before the end.",
             ["endpoint", "model"], registry=r)
+
+    def observe(self, outcome: Outcome) -> None:
+        """A request's metrics, from its outcome (the probes are not counted)."""
+        if outcome.endpoint not in QUIET:
+            model = outcome.model_label
+            self.requests.labels(outcome.endpoint, model, str(outcome.status)).inc()
+            self.latency.labels(outcome.endpoint, model).observe(outcome.duration_s)
+        if outcome.model is None:
+            return
+        if outcome.prompt_tokens:
+            self.prompt_tokens.labels(outcome.model).inc(outcome.prompt_tokens)
+        if outcome.completion_tokens:
+            self.completion_tokens.labels(outcome.model).inc(outcome.completion_tokens)
+        if outcome.ttft_s is not None:
+            self.ttft.labels(outcome.model).observe(outcome.ttft_s)
+        if outcome.client_disconnected:
+            self.client_disconnects.labels(outcome.endpoint, outcome.model).inc()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: from a fresh clone, set up everything the suite needs and run it.
 #   bash tests/run.sh                 # everything (lint, types, unit, real engines)
-#   bash tests/run.sh tests/unit      # only what needs no engine (seconds)
+#   bash tests/run.sh tests/unit      # no process, socket or database server (seconds)
+#   bash tests/run.sh tests/gateway   # real gateways, CLI, Redis, PostgreSQL; no engine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +45,7 @@ fi
 if [[ $# -eq 0 ]]; then
     .venv/bin/ruff check serving monitoring tests
     .venv/bin/mypy
+    .venv/bin/lint-imports --no-cache  # the layers (pyproject.toml, README: Layout)
     shellcheck -x hardening/*.sh hardening/*/*.sh infra/terraform/modules/bootstrap/bootstrap.sh \
         tests/run.sh
     bats tests/hardening

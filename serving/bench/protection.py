@@ -20,12 +20,12 @@ from serving import contract
 from serving.bench import targets
 from serving.bench.run import Cell, _measure
 from serving.contract.walk import slots
+from serving.domain.policy import Policy
 from serving.metrics import GatewayMetrics
-from serving.services import guards
-from serving.services.pii import Detector
-from serving.services.protection import Protector
-from serving.services.sse import StreamAccountant
-from serving.storage.policies import Policy
+from serving.protection import guards
+from serving.protection.pii import Detector
+from serving.protection.protector import Protector
+from serving.upstream.sse import StreamAccountant
 
 _TEXT = ("Hello, I am writing about invoice 2024-118 for the quarterly maintenance contract. "
          "Our finance team, reachable at billing.team@example.com, noticed that the amount "

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serving.bench import servers, targets, wrk
+from serving.bench import stores as servers
+from serving.bench import targets, wrk
 
 CHAT_BODY = json.dumps({"model": "demo-chat", "max_tokens": 16,
                         "messages": [{"role": "user", "content": "Say hello."}]})

@@ -18,9 +18,10 @@ from serving.cli.common import (
     stdout,
     with_store,
 )
+from serving.domain.policy import PolicyError
 from serving.storage import migrate
 from serving.storage.db import create_engine
-from serving.storage.policies import PolicyError, load_policies
+from serving.storage.policies import load_policies
 
 
 @click.group()
@@ -90,8 +91,8 @@ def rotate_key() -> None:
     expire; gateways pick the new key up within 30 s."""
 
     async def go(store: Store) -> str:
-        await store.signing.refresh()
-        return await store.signing.rotate()
+        await store.issuer.refresh()
+        return await store.issuer.rotate()
 
     kid = with_store(load_settings(), go)
     console.print(f"new signing key {kid} is current")

@@ -15,7 +15,7 @@ from rich.table import Table
 from serving.cli.common import console, fail, load_settings, stdout
 from serving.durations import parse_duration
 from serving.settings import Settings
-from serving.storage import audit_chain
+from serving.storage import audit_chain, audit_verify
 from serving.storage.audit_crypto import (
     AuditKeyError,
     ContentKeyring,
@@ -81,7 +81,7 @@ def verify(public_key: Path | None) -> None:
         fail(f"no audit trail under {settings.resolved_audit_dir}")
     problems = 0
     for chain in chains:
-        report = audit_chain.verify(chain, key)
+        report = audit_verify.verify(chain, key)
         for p in report.problems:
             stdout.print(f"{chain.name}: {p.kind}: {p.detail}")
         problems += len(report.problems)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
+from serving.admission.budgets import BudgetStatus, budget_status
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
 from serving.cli.keys import _expiry, _scopes, issue_key, key_table, show_issued
-from serving.services.budgets import BudgetStatus, budget_status
+from serving.domain.policy import Policy
 from serving.storage.clients import ClientExists, ClientRecord
 from serving.storage.keys import KeyRecord
-from serving.storage.policies import Policy
 
 
 @click.group()

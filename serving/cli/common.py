@@ -5,26 +5,20 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 import click
 from pydantic import ValidationError
 from rich.console import Console
 
-from serving.services.auth import KeyService
-from serving.services.clients import ClientService
-from serving.services.policy import PolicyStore
-from serving.services.tokens import TokenIssuer
+from serving.admission.policy_store import PolicyStore
+from serving.container import StateServices, state_services
+from serving.domain.manifest import ManifestError
+from serving.domain.policy import PolicyError
 from serving.settings import Settings
 from serving.storage import migrate
-from serving.storage.clients import ClientRepository
 from serving.storage.db import create_engine
-from serving.storage.keys import KeyRepository
-from serving.storage.ledger import LedgerRepository
-from serving.storage.manifests import ManifestError, load_manifests
-from serving.storage.policies import PolicyError
-from serving.storage.signing import SigningKeyRepository
+from serving.storage.manifests import load_manifests
 
 console = Console(stderr=True, highlight=False)  # status and errors
 # Results; wide when piped, so tables keep whole ids instead of folding them.
@@ -59,16 +53,8 @@ def load_policy_store(settings: Settings) -> PolicyStore:
         fail(str(exc))
 
 
-@dataclass(frozen=True)
-class Store:
-    """The gateway's state, as the CLI sees it: the same services on the same database."""
-
-    settings: Settings
-    keys: KeyService
-    clients: ClientService
-    policies: PolicyStore
-    ledger: LedgerRepository
-    signing: TokenIssuer
+# The gateway's state, as the CLI sees it: the same services on the same database.
+Store = StateServices
 
 
 def with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
@@ -83,13 +69,7 @@ def with_store(settings: Settings, fn: Callable[[Store], Awaitable[T]]) -> T:
         db = create_engine(settings.resolved_database_url)
         try:
             await migrate.upgrade(db)
-            return await fn(Store(
-                settings=settings,
-                keys=KeyService(KeyRepository(db), pepper, cache_ttl_s=0),
-                clients=ClientService(ClientRepository(db), policies, cache_ttl_s=0),
-                policies=policies, ledger=LedgerRepository(db),
-                signing=TokenIssuer(SigningKeyRepository(db), pepper, settings.oauth_issuer,
-                                    settings.oauth_audience, settings.oauth_token_ttl_s)))
+            return await fn(state_services(settings, db, pepper, policies))
         finally:
             await db.dispose()
 

@@ -7,12 +7,12 @@ from datetime import UTC, datetime
 import click
 from rich.table import Table
 
+from serving.admission.policy_store import key_scopes
+from serving.auth.keys import IssuedKey
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
+from serving.domain.policy import SCOPES
 from serving.durations import expiry_after, parse_duration
-from serving.services.auth import IssuedKey
-from serving.services.policy import key_scopes
 from serving.storage.keys import KeyRecord
-from serving.storage.policies import SCOPES
 
 
 def _expiry(value: str | None) -> datetime | None:

@@ -11,10 +11,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from serving.cli.common import console, fail, load_settings, stdout
+from serving.domain.manifest import ManifestError
 from serving.engines.environment import EngineEnvironment
 from serving.engines.sources import build_demo, model_cache
 from serving.settings import Settings
-from serving.storage.manifests import ManifestError, load_manifests
+from serving.storage.manifests import load_manifests
 
 
 def ensure_engine_env(settings: Settings) -> EngineEnvironment:

@@ -9,16 +9,17 @@ import click
 import uvloop
 
 from serving import logs
+from serving.auth.keys import IssuedKey
 from serving.cli import serve
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
 from serving.cli.models import build_demo_model, ensure_engine_env
 from serving.cli.sidecar import ExporterProcess
 from serving.contract.completeness import gaps
+from serving.domain.manifest import ManifestError
 from serving.engines.sources import resolve_model_dir, vllm_fields
 from serving.engines.supervisor import Supervisor, WeightsError, state_file
-from serving.services.auth import IssuedKey
 from serving.settings import Settings
-from serving.storage.manifests import ManifestError, load_manifests
+from serving.storage.manifests import load_manifests
 
 DEMO_CLIENT = "demo"
 DEMO_POLICY = "default"

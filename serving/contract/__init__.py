@@ -4,7 +4,8 @@ declared with what it is (``kinds``), validated once, and the only thing forward
 ``parse`` validates the raw body into the endpoint's model in one pass; a field the contract
 does not declare is refused with 400 ``unsupported_parameter`` (never dropped, never
 forwarded). ``body`` re-serialises the validated model: the engine reads nothing the gateway
-did not. This package imports nothing from the rest of the gateway but its errors.
+did not. This package imports nothing from the rest of the gateway but its errors and the
+endpoint table (``domain.endpoints``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ from serving.contract.embeddings import EmbeddingRequest
 from serving.contract.kinds import CONTROL, TOKEN_ID_PROMPTS, Kind
 from serving.contract.problems import refusal
 from serving.contract.walk import kind_of, reveals
+from serving.domain.endpoints import INFERENCE_PATHS
 
 Request = ChatRequest | CompletionRequest | EmbeddingRequest
 # The one upstream path per endpoint: nothing the client sends chooses the path or the query.
-PATHS = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "embeddings": "/v1/embeddings",
-}
+PATHS = INFERENCE_PATHS  # the engine path for each endpoint (domain.endpoints)
 MODELS: dict[str, type[ChatRequest] | type[CompletionRequest] | type[EmbeddingRequest]] = {
     "chat": ChatRequest, "completions": CompletionRequest, "embeddings": EmbeddingRequest}
 

@@ -9,8 +9,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from serving.domain.manifest import Deployment
 from serving.engines.environment import EngineEnvironment
-from serving.storage.manifests import Deployment
 
 BUILDER = Path(__file__).with_name("build_demo_model.py")
 FIELDS = Path(__file__).with_name("vllm_fields.py")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from serving.domain.manifest import FORBIDDEN_ENGINE_ENV, Deployment
 from serving.engines.environment import EngineEnvironment
-from serving.storage.manifests import FORBIDDEN_ENGINE_ENV, Deployment
 
 log = logging.getLogger("enclave.supervisor")
 

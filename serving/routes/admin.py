@@ -14,17 +14,17 @@ from typing import Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.deps import Admin, Pool
+from serving.admission.budgets import BudgetLedger, budget_status
+from serving.admission.policy_store import PolicyStore, key_scopes
+from serving.auth.clients import ClientService
+from serving.auth.keys import KeyService
+from serving.auth.tokens import TokenIssuer
+from serving.domain.policy import SCOPES, PolicyError
 from serving.durations import expiry_after, parse_duration
 from serving.errors import InvalidRequest, NotFound
-from serving.responses import JSONResponse
-from serving.services.auth import KeyService
-from serving.services.budgets import BudgetLedger, budget_status
-from serving.services.clients import ClientService
-from serving.services.policy import PolicyStore, key_scopes
-from serving.services.tokens import TokenIssuer
+from serving.routes.deps import Admin, Pool, services
+from serving.routes.responses import JSONResponse
 from serving.storage.clients import ClientExists, ClientRecord
-from serving.storage.policies import SCOPES, PolicyError
 
 router = APIRouter(prefix="/admin/v1")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -74,7 +74,7 @@ def _client_json(c: ClientRecord) -> dict[str, object]:
 
 
 def _services(request: Request) -> tuple[ClientService, KeyService, PolicyStore]:
-    s = request.app.state
+    s = services(request.scope)
     return s.clients, s.keys, s.policies
 
 
@@ -109,7 +109,7 @@ async def _client(request: Request, name: str) -> ClientRecord:
 async def show_client(request: Request, name: str, _: Admin) -> JSONResponse:
     client = await _client(request, name)
     _c, keys, policies = _services(request)
-    ledger: BudgetLedger = request.app.state.ledger
+    ledger: BudgetLedger = services(request.scope).ledger
     policy = policies.get(client.policy)
     budgets = {b.kind: {"period": b.period, "limit": b.limit, "used": b.used,
                         "reserved": b.reserved}
@@ -193,7 +193,7 @@ async def rotate_key(request: Request, key_id: str, body: Rotation, _: Admin) ->
 
 @router.get("/policies")
 async def show_policies(request: Request, _: Admin) -> JSONResponse:
-    policies: PolicyStore = request.app.state.policies
+    policies: PolicyStore = services(request.scope).policies
     return JSONResponse({"version": policies.version, "file": str(policies.path),
                          "last_error": policies.last_error, "scopes": list(SCOPES),
                          "policies": {n: p.model_dump(mode="json")
@@ -202,7 +202,7 @@ async def show_policies(request: Request, _: Admin) -> JSONResponse:
 
 @router.post("/policies/reload")
 async def reload_policies(request: Request, _: Admin) -> JSONResponse:
-    policies: PolicyStore = request.app.state.policies
+    policies: PolicyStore = services(request.scope).policies
     try:
         policies.reload()
     except PolicyError as exc:
@@ -220,7 +220,7 @@ async def usage(request: Request, _: Admin,
     for param, value in (("from", since), ("to", until)):
         if value is not None and not _DAY.match(value):
             raise InvalidRequest(f"'{param}' must be a day, YYYY-MM-DD.", param=param)
-    ledger: BudgetLedger = request.app.state.ledger
+    ledger: BudgetLedger = services(request.scope).ledger
     return JSONResponse({"data": await ledger.repo.usage(client, since, until)})
 
 
@@ -251,7 +251,7 @@ async def undrain_engine(deployment: str, pool: Pool, _: Admin) -> JSONResponse:
 
 @router.post("/signing-keys/rotate", status_code=201)
 async def rotate_signing_key(request: Request, _: Admin) -> JSONResponse:
-    issuer: TokenIssuer = request.app.state.token_issuer
+    issuer: TokenIssuer = services(request.scope).issuer
     kid = await issuer.rotate()
     return JSONResponse({"kid": kid, "published": [k["kid"] for k in issuer.jwks()["keys"]]},
                         status_code=201)

@@ -1,8 +1,10 @@
-"""The OpenAI-compatible endpoints. Each one: authenticate, check the caller's scope, read a
-capped body, prepare it (``intake.prepare``: the request contract, the model, the policy's fields
-and caps, every text inspected; in a worker thread when the body is large), bound its cost, take
-the client's rate-limit, concurrency and budget admission, then hand a ``RelayResponse`` to the
-server.
+"""The OpenAI-compatible endpoints. An inference ``POST`` arrives here from the entry
+(``routes.entry``) at ``handle``, which answers every error through ``routes.errors``; the
+work is ``forward``: authenticate, check the caller's scope, read a capped body, prepare it
+(``pipeline.intake.prepare``: the request contract, the model, the policy's fields and caps,
+every text inspected; in a worker thread when the body is large), bound its cost, take the
+client's rate-limit, concurrency and budget admission, then hand a ``RelayResponse`` (which
+talks to the engine) back to ``handle`` to send.
 
 Only the JSON body names the model: query parameters and headers are never read for it.
 """
@@ -10,39 +12,33 @@ Only the JSON body names the model: query parameters and headers are never read 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from functools import partial
-from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.deps import Pool, authenticate
+from serving.admission import cost
+from serving.domain.endpoints import INFERENCE_PATHS
+from serving.domain.outcome import Decisions
+from serving.domain.policy import Policy
 from serving.errors import (
     AuditUnavailable,
     EngineUnavailable,
-    GatewayError,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
 )
-from serving.responses import JSONResponse
-from serving.routes.middleware import context
-from serving.routes.relay import RelayResponse, send_error
-from serving.services import cost, intake
-from serving.services.admission import Gatekeeper
-from serving.services.audit import AuditTrail
-from serving.services.engines import EnginePool
-from serving.services.offload import Offload
-from serving.services.protection import Decisions, Protector
-from serving.services.proxy import Upstream
-from serving.settings import Settings
-from serving.storage.policies import Policy
+from serving.pipeline import intake
+from serving.routes.context import context
+from serving.routes.deps import authenticate, services
+from serving.routes.errors import send_error
+from serving.routes.relay import RelayResponse
+from serving.routes.responses import JSONResponse
+from serving.upstream.client import Upstream
 
 router = APIRouter()
-log = logging.getLogger("enclave.errors")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -67,43 +63,35 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _forward(request: Request, endpoint: str) -> RelayResponse:
-    # The hot path calls auth and reads app.state directly: FastAPI's dependency solving is
-    # a measurable share of a proxied request (see README, benchmark).
+async def forward(request: Request, endpoint: str) -> RelayResponse:
+    """One inference request up to the engine: raises ``GatewayError`` when it is refused."""
     principal = await authenticate(request)
-    state = request.app.state
-    trail: AuditTrail = state.audit
-    if not trail.healthy:
+    svc = services(request.scope)
+    if not svc.audit.healthy:
         raise AuditUnavailable("The audit trail cannot be written; requests are refused "
                                "until it can. Retry shortly.", 5)
-    gate: Gatekeeper = state.gate
-    policy = gate.authorize(principal, endpoint)
-    pool: EnginePool = state.pool
-    upstream: Upstream = state.upstream
-    settings: Settings = state.settings
+    policy = svc.gate.authorize(principal, endpoint)
+    settings = svc.settings
     ctx = context(request.scope)
     ctx.policy = policy
-    ctx.decisions = Decisions()
+    ctx.decisions = decisions = Decisions()
     limit = settings.max_body_bytes
     if policy.caps.body_bytes is not None:
         limit = min(limit, policy.caps.body_bytes)
     raw = await read_body(request, limit)
-    protector: Protector = state.protector
-    offload: Offload = state.offload
     deadline = time.monotonic() + settings.inspect_timeout_s
-    prepared = await offload.run(len(raw), partial(
-        intake.prepare, raw, endpoint, principal, policy, pool, gate, protector, ctx, deadline))
+    prepared = await svc.offload.run(len(raw), partial(
+        intake.prepare, raw, endpoint, principal, policy, svc.pool, svc.gate, svc.protector,
+        ctx, decisions, deadline))
     parsed, inspection = prepared.parsed, prepared.inspection
-    ctx.request_text = inspection.request_text
-    ctx.stream = parsed.stream
-    bounds = await _tighten(upstream, prepared, policy, ctx.request_id)
+    bounds = await _tighten(svc.upstream, prepared, policy, ctx.request_id)
     price = cost.bound(prepared.request, bounds, parsed.route.max_model_len)
     cost.check_request_tokens(policy, price)
-    if endpoint != "embeddings":
-        ctx.output = protector.output_filter(policy, inspection)
-    admission = await gate.admit(principal, policy, parsed.route.name, price)
+    output = (svc.protector.output_filter(policy, inspection)
+              if endpoint != "embeddings" else None)
+    admission = await svc.gate.admit(principal, policy, parsed.route.name, price)
     ctx.reserved_tokens = price.tokens
-    return RelayResponse(upstream, parsed, ctx, gate, admission)
+    return RelayResponse(svc.upstream, parsed, ctx, svc.gate, admission, output)
 
 
 async def _tighten(upstream: Upstream, prepared: intake.Prepared, policy: Policy,
@@ -145,56 +133,27 @@ def _prompt_param(endpoint: str) -> str:
     return "messages" if endpoint == "chat" else "prompt"
 
 
-def _direct(endpoint: str) -> ASGIApp:
-    """The endpoint as a bare ASGI app, which the request middleware calls directly for
-    ``POST`` to the inference paths: FastAPI's routing and exception layers cost about a sixth
-    of a proxied request's CPU (measured with py-spy under load). Errors are answered exactly
-    as the FastAPI handlers answer them."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        ctx = context(scope)
+def _handler(endpoint: str) -> ASGIApp:
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            response = await _forward(Request(scope, receive), endpoint)
-        except GatewayError as exc:
-            ctx.error_code = exc.log_code
-            await send_error(send, exc)
-            return
-        except Exception as exc:
-            log.error("unhandled error", exc_info=exc)
-            ctx.error_code = "internal_error"
-            await send_error(send, GatewayError("Internal error."))
+            response = await forward(Request(scope, receive), endpoint)
+        except Exception as exc:  # every error, answered in one place
+            await send_error(scope, send, exc)
             return
         await response(scope, receive, send)
 
-    return app
+    return handle
 
 
-DIRECT: dict[str, ASGIApp] = {path: _direct(endpoint) for path, endpoint in (
-    ("/v1/chat/completions", "chat"), ("/v1/completions", "completions"),
-    ("/v1/embeddings", "embeddings"))}
-
-
-# The same endpoints through FastAPI: reached only without the request middleware (which
-# answers these paths itself); they keep the API's shape in one place.
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(request: Request) -> Any:
-    return await _forward(request, "chat")
-
-
-@router.post("/v1/completions", response_model=None)
-async def completions(request: Request) -> Any:
-    return await _forward(request, "completions")
-
-
-@router.post("/v1/embeddings", response_model=None)
-async def embeddings(request: Request) -> Any:
-    return await _forward(request, "embeddings")
+# The inference paths, for the entry to dispatch ``POST``s to.
+ROUTES: dict[str, ASGIApp] = {path: _handler(name) for name, path in INFERENCE_PATHS.items()}
 
 
 @router.get("/v1/models")
-async def list_models(request: Request, pool: Pool) -> JSONResponse:
+async def list_models(request: Request) -> JSONResponse:
     principal = await authenticate(request)
-    gate: Gatekeeper = request.app.state.gate
+    svc = services(request.scope)
+    gate, pool = svc.gate, svc.pool
     policy = gate.authorize(principal, "models")
     await gate.admit_listing(principal, policy)
     data = [

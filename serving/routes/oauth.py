@@ -15,14 +15,15 @@ from urllib.parse import parse_qs, unquote_plus
 import orjson
 from fastapi import APIRouter, Request
 
+from serving.admission.policy_store import PolicyStore
+from serving.auth.clients import ClientService
+from serving.auth.keys import KeyService, LookupsThrottled
+from serving.auth.tokens import TokenIssuer
 from serving.errors import AuthenticationFailed, InvalidRequest, RateLimited
-from serving.responses import JSONResponse
+from serving.routes.context import context
+from serving.routes.deps import services
 from serving.routes.inference import read_body
-from serving.routes.middleware import context
-from serving.services.auth import KeyService, LookupsThrottled
-from serving.services.clients import ClientService
-from serving.services.policy import PolicyStore
-from serving.services.tokens import TokenIssuer
+from serving.routes.responses import JSONResponse
 
 router = APIRouter()
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -73,7 +74,7 @@ def _basic(request: Request) -> tuple[str, str] | None:
 
 @router.post("/oauth/token")
 async def token(request: Request) -> JSONResponse:
-    state = request.app.state
+    state = services(request.scope)
     raw = await read_body(request, 16 * 1024)
     form = _form(raw, request.headers.get("content-type", ""))
     if form.get("grant_type") != "client_credentials":
@@ -115,7 +116,7 @@ async def token(request: Request) -> JSONResponse:
                              code="invalid_scope")
     context(request.scope).client_id = client_id
     context(request.scope).key_id = record.id
-    issuer: TokenIssuer = state.token_issuer
+    issuer: TokenIssuer = state.issuer
     access_token, expires_in = issuer.issue(client_id, granted)
     return JSONResponse({"access_token": access_token, "token_type": "Bearer",
                          "expires_in": expires_in, "scope": " ".join(sorted(granted))},
@@ -124,5 +125,5 @@ async def token(request: Request) -> JSONResponse:
 
 @router.get("/.well-known/jwks.json")
 async def jwks(request: Request) -> JSONResponse:
-    issuer: TokenIssuer = request.app.state.token_issuer
+    issuer: TokenIssuer = services(request.scope).issuer
     return JSONResponse(issuer.jwks(), headers={"Cache-Control": "public, max-age=60"})

@@ -12,9 +12,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.deps import Pool
-from serving.responses import JSONResponse
-from serving.routes.middleware import on_ops_listener
+from serving.routes.deps import Pool, services
+from serving.routes.entry import on_ops_listener
+from serving.routes.responses import JSONResponse
 
 router = APIRouter()
 
@@ -31,10 +31,10 @@ async def readyz(request: Request, pool: Pool) -> JSONResponse:
                         **({"error": e.last_error} if e.last_error else {})}
                for e in pool.engines}
     models = {name: any(e.healthy for e in route.engines) for name, route in pool.routes.items()}
-    audit = request.app.state.audit
+    audit = services(request.scope).audit
     ready = bool(models) and all(models.values()) and audit.healthy
     status = 200 if ready else 503
-    if not on_ops_listener(request.scope, request.app.state.settings.ops_port):
+    if not on_ops_listener(request.scope, services(request.scope).settings.ops_port):
         return JSONResponse({"status": "ready" if ready else "not_ready"}, status_code=status)
     return JSONResponse({"status": "ready" if ready else "not_ready", "models": models,
                          "engines": engines,
@@ -44,8 +44,8 @@ async def readyz(request: Request, pool: Pool) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request, pool: Pool) -> Response:
-    m = request.app.state.metrics
-    m.audit_queue.set(request.app.state.audit.queued)
+    m = services(request.scope).metrics
+    m.audit_queue.set(services(request.scope).audit.queued)
     for engine in pool.engines:
         m.engine_up.labels(engine.deployment.model, engine.name).set(1 if engine.healthy else 0)
         m.engine_draining.labels(engine.deployment.model, engine.name).set(

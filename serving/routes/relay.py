@@ -11,19 +11,19 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import orjson
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from serving.admission.gate import Admission, Gatekeeper
 from serving.contract import PATHS
+from serving.domain.outcome import RequestContext
 from serving.errors import EngineBadResponse, EngineTimeout, GatewayError, error_bytes
-from serving.services.admission import Admission, Gatekeeper
-from serving.services.context import RequestContext
-from serving.services.engine_errors import client_error
-from serving.services.intake import ParsedRequest
-from serving.services.protection import ToolCallRefused
-from serving.services.proxy import TIMEOUTS, TRANSPORT_ERRORS, Upstream
-from serving.services.sse import StreamAccountant, usage_from_body
+from serving.pipeline.intake import ParsedRequest
+from serving.protection.output import OutputFilter, ToolCallRefused
+from serving.routes.errors import send_error
+from serving.upstream.client import TIMEOUTS, TRANSPORT_ERRORS, Upstream
+from serving.upstream.engine_errors import client_error
+from serving.upstream.sse import StreamAccountant, usage_from_body
 
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [
@@ -34,25 +34,19 @@ _SSE_HEADERS = [
 _MAX_UPSTREAM_ERROR_BODY = 64 * 1024
 
 
-async def send_error(send: Send, exc: GatewayError) -> None:
-    body = orjson.dumps(exc.body())
-    headers = [_JSON, (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 class RelayResponse(Response):
     """A Starlette response (so FastAPI passes it through) that does its own sending."""
 
     def __init__(self, upstream: Upstream, parsed: ParsedRequest, ctx: RequestContext,
-                 gate: Gatekeeper, admission: Admission) -> None:
+                 gate: Gatekeeper, admission: Admission, output: OutputFilter | None) -> None:
         super().__init__()
         self.upstream = upstream
         self.parsed = parsed
         self.ctx = ctx
         self.gate = gate
         self.admission = admission
+        self.output = output  # the answer's filter, when the policy filters or keeps it
+        self._settled = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One watcher task per request (cheaper than a task group on the hot path): when the
@@ -82,8 +76,7 @@ class RelayResponse(Response):
         try:
             await self._exchange(tracked_send)
         except GatewayError as exc:
-            self.ctx.error_code = exc.log_code
-            await send_error(tracked_send, exc)
+            await send_error(scope, tracked_send, exc)
         except asyncio.CancelledError:
             if not self.ctx.client_disconnected:
                 raise
@@ -125,16 +118,17 @@ class RelayResponse(Response):
     async def _relay_body(self, send: Send, response: aiohttp.ClientResponse) -> None:
         body = await response.read()
         self.ctx.prompt_tokens, self.ctx.completion_tokens = usage_from_body(body)
-        output = self.ctx.output
+        output = self.output
         if output is not None:
             body = output.body(body)  # may refuse a tool call: nothing is sent yet
-        self._charge()
+            self.ctx.response_text = output.response_text
+        self.gate.reckon(self.admission, self.ctx)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [_JSON, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
     async def _relay_stream(self, send: Send, response: aiohttp.ClientResponse) -> None:
-        output = self.ctx.output
+        output = self.output
         acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage,
                                 chunk_usage=self.parsed.chunk_usage,
                                 transform=output.event if output is not None else None,
@@ -167,26 +161,27 @@ class RelayResponse(Response):
             await self._end_with_error(send, acct, "The engine stopped mid-stream.",
                                        "upstream_error", "engine_stream_broken")
         except ToolCallRefused as exc:
-            self.ctx.error_code = exc.log_code
             if not started:
                 raise
+            self.ctx.error_code = exc.log_code  # the error event below says why
             await self._end_with_error(send, acct, exc.message, exc.type, exc.log_code)
         finally:
             self._settle(acct)
 
     def _settle(self, acct: StreamAccountant) -> None:
+        """The stream's usage, first-token time and kept text, and what the request will be
+        charged: known before its last byte (the audit record is written then). Once."""
+        if self._settled:
+            return
+        self._settled = True
         self.ctx.prompt_tokens = acct.prompt_tokens
         self.ctx.completion_tokens = acct.completion_tokens
         if acct.first_event_at is not None:
             self.ctx.ttft_s = acct.first_event_at - self.ctx.started
-        if self.ctx.output is not None:
-            self.ctx.output.finish()
-        self._charge()
-
-    def _charge(self) -> None:
-        """What the request will be charged, known before its last byte (the audit record is
-        written then); ``Gatekeeper.finish`` settles exactly this."""
-        self.ctx.charged_tokens = self.gate.charge(self.admission, self.ctx)[2]
+        if self.output is not None:
+            self.output.finish()
+            self.ctx.response_text = self.output.response_text
+        self.gate.reckon(self.admission, self.ctx)
 
     async def _end_with_error(self, send: Send, acct: StreamAccountant, message: str,
                               type_: str, code: str) -> None:
@@ -201,7 +196,7 @@ class RelayResponse(Response):
         body = await _read_capped(response)
         status = response.status
         if 400 <= status < 500 and status not in (401, 403):
-            self.ctx.error_code = f"upstream_{status}"
+            self.ctx.error_code = f"upstream_{status}"  # answered here, not by routes.errors
             param = {"chat": "messages", "completions": "prompt"}.get(self.parsed.endpoint,
                                                                       "input")
             body = client_error(body, status, param)

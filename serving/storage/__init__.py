@@ -1,1 +1,3 @@
-"""Storage: the model manifests on disk and the state database. Imports nothing from services."""
+"""Persistence only: the state database (keys, clients, budgets, signing keys; SQLite or
+PostgreSQL, migrated with Alembic), the audit log's files, and the manifests and policy file on
+disk read into ``domain`` schemas. Imports ``domain`` and nothing above it."""

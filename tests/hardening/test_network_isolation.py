@@ -13,8 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import gateway_settings, new_key, settings_env
-from tests.support import REPO, copy_manifests, stop_process
+from tests.support import (
+    REPO,
+    copy_manifests,
+    gateway_settings,
+    new_key,
+    settings_env,
+    stop_process,
+)
 
 POLICY = REPO / "hardening" / "firewall" / "nft-policy.sh"
 STANDIN = Path(__file__).with_name("standin.py")

@@ -17,8 +17,17 @@ import pytest
 from openai import OpenAI
 
 from serving.settings import Settings
-from tests.conftest import Engines, cli, gateway_settings, new_key, settings_env
-from tests.support import GatewayProcess, assert_openai_error, bearer, write_policies
+from tests.support import (
+    Engines,
+    GatewayProcess,
+    assert_openai_error,
+    bearer,
+    cli,
+    gateway_settings,
+    new_key,
+    settings_env,
+    write_policies,
+)
 
 pytestmark = pytest.mark.engine
 

@@ -18,8 +18,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import Engines
-from tests.support import GatewayServer
+from tests.support import Engines, GatewayServer
 
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 2000

@@ -12,8 +12,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Engines, gateway_settings, new_key, settings_env
-from tests.support import REPO, GatewayProcess, assert_openai_error, bearer
+from tests.support import (
+    REPO,
+    Engines,
+    GatewayProcess,
+    assert_openai_error,
+    bearer,
+    gateway_settings,
+    new_key,
+    settings_env,
+)
 
 pytestmark = pytest.mark.engine
 DEPLOYMENT = "demo-chat-v1"

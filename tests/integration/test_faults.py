@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Engines, gateway_settings, new_key
-from tests.support import GatewayServer, running_gateway
+from tests.support import Engines, GatewayServer, gateway_settings, new_key, running_gateway
 
 pytestmark = pytest.mark.engine
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

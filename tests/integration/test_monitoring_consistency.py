@@ -16,7 +16,6 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import Engines, new_key
 from tests.monitoring import (
     PROMETHEUS,
     RULE_FILES,
@@ -27,7 +26,7 @@ from tests.monitoring import (
     tool,
     used_names,
 )
-from tests.support import REPO, GatewayServer, bearer, free_port, stop_process
+from tests.support import REPO, Engines, GatewayServer, bearer, free_port, new_key, stop_process
 
 pytestmark = pytest.mark.engine
 

@@ -13,18 +13,21 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from serving.bench.servers import PostgresServer
+from serving.bench.stores import PostgresServer
 from serving.settings import Settings
 from serving.storage.db import create_engine
 from serving.storage.ledger import LedgerRepository
 from serving.storage.times import day_key, month_key
-from tests.conftest import Engines, gateway_settings, new_key, settings_env
 from tests.support import (
+    Engines,
     GatewayProcess,
     GatewayServer,
     assert_openai_error,
     bearer,
+    gateway_settings,
+    new_key,
     running_gateway,
+    settings_env,
 )
 
 pytestmark = pytest.mark.engine

@@ -23,13 +23,17 @@ from serving.contract import completeness
 from serving.engines.environment import EngineEnvironment
 from serving.engines.sources import vllm_fields
 from serving.settings import Settings
-from tests.conftest import Engines, cli, gateway_settings, new_key, settings_env
 from tests.support import (
+    Engines,
     GatewayProcess,
     RecordingProxy,
     assert_openai_error,
     bearer,
+    cli,
     copy_manifests,
+    gateway_settings,
+    new_key,
+    settings_env,
     write_policies,
 )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from serving.storage.audit_chain import AuditLog, AuditLogError, purge, read_records, verify
+from serving.storage.audit_chain import AuditLog, AuditLogError, purge, read_records
 from serving.storage.audit_crypto import (
     AuditKeyError,
     ContentKeyring,
@@ -18,6 +18,7 @@ from serving.storage.audit_crypto import (
     load_public_key,
     public_key_path,
 )
+from serving.storage.audit_verify import verify
 
 KEY = Ed25519PrivateKey.generate()
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.services.auth import KeyService, split_key
+from serving.auth.keys import KeyService, split_key
 from serving.storage import migrate
 from serving.storage.clients import ClientRepository
 from serving.storage.db import create_engine

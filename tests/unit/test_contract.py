@@ -14,14 +14,15 @@ import pytest
 from pydantic import BaseModel
 
 from serving import contract
+from serving.admission import cost
 from serving.contract.common import Contract
 from serving.contract.kinds import Kind
 from serving.contract.walk import kind_of, slots, write_back
+from serving.domain.policy import Policy
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
-from serving.services import cost, intake
-from serving.services.engines import EnginePool
+from serving.pipeline import intake
 from serving.storage.manifests import load_manifests
-from serving.storage.policies import Policy
+from serving.upstream.pool import EnginePool
 from tests.support import REPO
 
 CHAT: dict[str, Any] = {"model": "demo-chat", "messages": [{"role": "user", "content": "hi"}]}

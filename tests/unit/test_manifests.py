@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.storage.manifests import ManifestError, load_manifest, load_manifests
+from serving.domain.manifest import ManifestError
+from serving.storage.manifests import load_manifest, load_manifests
 from tests.support import REPO
 
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from serving.services.pii import Detector, ScanTooLong
-from serving.services.redaction import HOLD, Redactor, StreamRedactor
+from serving.protection.pii import Detector, ScanTooLong
+from serving.protection.redaction import HOLD, Redactor, StreamRedactor
 
 CARD = "4111 1111 1111 1111"
 IBAN = "FR76 3000 6000 0112 3456 7890 189"

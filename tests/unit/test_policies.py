@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.services.policy import PolicyStore
-from serving.storage.policies import PolicyError, load_policies
+from serving.admission.policy_store import PolicyStore
+from serving.domain.policy import PolicyError
+from serving.storage.policies import load_policies
 from tests.support import REPO
 
 MODELS = {"demo-chat", "minilm-embed"}

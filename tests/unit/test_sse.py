@@ -1,7 +1,7 @@
 import orjson
 import pytest
 
-from serving.services.sse import StreamAccountant, usage_from_body
+from serving.upstream.sse import StreamAccountant, usage_from_body
 
 
 def event(payload: dict[str, object]) -> bytes:

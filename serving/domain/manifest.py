@@ -1,0 +1,164 @@
+"""The model registry's schema: one manifest per model (``storage.manifests`` reads ``models/``).
+
+A manifest names the model clients call, its task, its versions (where the weights come from,
+their pinned checksums, the vLLM engine arguments) and how traffic splits across versions.
+Loading validates everything and fails with the file and field at fault.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+# Engine flags the supervisor owns: a manifest must not move the engine off loopback or expose
+# vLLM's development endpoints.
+OWNED_ENGINE_ARGS = frozenset({
+    "--host", "--port", "--model", "--served-model-name", "--api-key", "--uds",
+    "--enable-server-load-tracking", "--allow-credentials", "--allowed-origins",
+})
+# Flags that would let a request do what the gateway's contract refuses (a template or
+# processor arguments from the request, prompt embeddings, media fetched from URLs or read from
+# the engine host's disk, calls to an outside tool server), open another listener, load code,
+# or write prompts and answers into the engine's log.
+UNSAFE_ENGINE_ARGS = frozenset({
+    "--trust-request-chat-template", "--trust-request-mm-kwargs", "--enable-prompt-embeds",
+    "--allowed-local-media-path", "--allowed-media-domains", "--tool-server", "--middleware",
+    "--grpc-port", "--enable-log-requests", "--enable-log-outputs", "--root-path",
+})
+FORBIDDEN_ENGINE_ARGS = OWNED_ENGINE_ARGS | UNSAFE_ENGINE_ARGS
+# Engine environment variables that open development endpoints (/collective_rpc, /sleep, ...)
+# or turn request logging on.
+FORBIDDEN_ENGINE_ENV = frozenset({
+    "VLLM_SERVER_DEV_MODE", "VLLM_DEBUG_LOG_API_SERVER_RESPONSE",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_TORCH_PROFILER_DIR",
+})
+
+Task = Literal["chat", "embed"]
+ENDPOINTS_BY_TASK: dict[str, frozenset[str]] = {
+    "chat": frozenset({"chat", "completions"}),
+    "embed": frozenset({"embeddings"}),
+}
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file and the problem."""
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["built", "python-package", "path"]
+    # built: a directory under the cache's models/ made by an `enclave models build-*` command.
+    # python-package: a directory inside an installed package of the engine environment.
+    # path: an absolute directory (pinned weights on a GPU host).
+    name: str | None = None
+    package: str | None = None
+    path: str
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> Source:
+        if self.kind == "python-package" and not self.package:
+            raise ValueError("source.package is required when kind is python-package")
+        if self.kind == "path" and not Path(self.path).is_absolute():
+            raise ValueError("source.path must be absolute when kind is path")
+        if self.kind != "path" and (Path(self.path).is_absolute() or ".." in Path(self.path).parts):
+            raise ValueError("source.path must be a relative path without '..'")
+        return self
+
+
+class Engine(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(ge=1024, le=65535)
+    max_model_len: int = Field(ge=16)
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    startup_timeout_s: float = Field(600.0, gt=0)
+
+    @field_validator("args")
+    @classmethod
+    def _no_owned_flags(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in OWNED_ENGINE_ARGS:
+                raise ValueError(f"engine argument {flag} is set by the supervisor, not a manifest")
+            if flag in UNSAFE_ENGINE_ARGS:
+                raise ValueError(f"engine argument {flag} would let requests or logs past the "
+                                 "gateway's policy; it cannot be set")
+        return args
+
+    @field_validator("env")
+    @classmethod
+    def _no_unsafe_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if name in FORBIDDEN_ENGINE_ENV:
+                raise ValueError(f"engine environment variable {name} opens development "
+                                 "endpoints or logs requests; it cannot be set")
+        return env
+
+
+class Version(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_RE)
+    source: Source
+    revision: str
+    sha256: dict[str, str] = Field(default_factory=dict)
+    engine: Engine
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, sums: dict[str, str]) -> dict[str, str]:
+        for file, digest in sums.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"sha256 of {file} is not 64 lowercase hex digits")
+        return sums
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_RE)
+    task: Task
+    description: str = ""
+    versions: list[Version] = Field(min_length=1)
+    traffic: dict[str, int]
+
+    @model_validator(mode="after")
+    def _traffic_matches_versions(self) -> Manifest:
+        names = [v.name for v in self.versions]
+        if len(set(names)) != len(names):
+            raise ValueError("version names must be unique")
+        unknown = set(self.traffic) - set(names)
+        if unknown:
+            raise ValueError(f"traffic names unknown versions: {sorted(unknown)}")
+        if any(w < 0 for w in self.traffic.values()) or sum(self.traffic.values()) != 100:
+            raise ValueError("traffic weights must be non-negative and add up to 100")
+        return self
+
+    def deployments(self) -> list[Deployment]:
+        return [Deployment(model=self.name, task=self.task, version=v,
+                           weight=self.traffic.get(v.name, 0)) for v in self.versions]
+
+
+class Deployment(BaseModel):
+    """One version of one model, served by one engine."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    task: Task
+    version: Version
+    weight: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.version.name}"
+
+    @property
+    def port(self) -> int:
+        return self.version.engine.port
