@@ -23,6 +23,7 @@ from serving.contract.chat import INSTRUCTION_ROLES
 from serving.contract.common import NamedToolChoice
 from serving.contract.walk import Slot
 from serving.domain.policy import Caps, ToolGuard
+from serving.protection import scanning
 
 # Each signal is one family of attack, with its weight; scores combine as independent
 # evidence: 1 - prod(1 - w). One pattern per family, matched case-insensitively.
@@ -76,12 +77,12 @@ def injection_score(texts: Iterable[str]) -> InjectionScore:
 def _score_text(text: str, found: dict[str, float], depth: int) -> None:
     lowered = text.lower()
     if any(hint in lowered for hint in _HINTS):
-        for match in _PATTERN.finditer(text):
+        for match in scanning.finditer(_PATTERN, text):
             name = match.lastgroup
             if name is not None:
                 found[name] = _SIGNALS[name][0]
     if depth == 0 and len(text) >= 40:
-        for match in _ENCODED.finditer(text):
+        for match in scanning.finditer(_ENCODED, text):
             decoded = _decoded_text(match.group())
             if decoded is None:
                 continue

@@ -31,6 +31,7 @@ from stdnum.fr import nir as _nir
 from stdnum.us import ssn as _ssn
 
 from serving.domain.policy import PII_TYPES as TYPES  # what a policy may name
+from serving.protection import scanning
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,10 @@ class _Rule:
     validate: Validator | None = None
     group: int = 0  # the part of the match that is the value (a bearer token, not "Bearer")
     numeric: bool = False  # runs only inside the digit runs ``_NUMERIC`` finds
+    # Scanned in bounded steps (``scanning``), except a pattern whose match has no bound
+    # that a truncated text still matches (a key block's lazy ``.*?``): its literal start
+    # makes one whole-text search cheap.
+    stepped: bool = True
 
 
 def _has(*needles: str) -> Callable[[str], bool]:
@@ -137,7 +142,7 @@ _API_KEY_PREFIXES = ("AIza", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "sk-
 _RULES: tuple[_Rule, ...] = (
     _Rule("PRIVATE_KEY", re.compile(
         r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----",
-        re.S), _has("PRIVATE KEY-----")),
+        re.S), _has("PRIVATE KEY-----"), stepped=False),
     _Rule("JWT", re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
           _has("eyJ")),
     _Rule("BEARER_TOKEN", re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/-]{16,}=*)"),
@@ -230,11 +235,12 @@ class Detector:
                 if windows is None:
                     # A leading "+" or "(" belongs to a phone number.
                     windows = [(max(m.start() - 1, 0), m.end())
-                               for m in _NUMERIC.finditer(text)]
+                               for m in scanning.finditer(_NUMERIC, text)]
                 matches = (m for start, end in windows
                            for m in rule.pattern.finditer(text, start, end))
             elif rule.trigger(text):
-                matches = rule.pattern.finditer(text)
+                matches = (scanning.finditer(rule.pattern, text) if rule.stepped
+                           else rule.pattern.finditer(text))
             else:
                 continue
             new_starts: list[int] = []

@@ -50,3 +50,12 @@ def test_the_web_framework_stays_in_the_web_layer(tmp_path: Path) -> None:
     result = _lint(root)
     assert result.returncode != 0
     assert "serving.admission.cost -> starlette" in result.stdout
+
+
+def test_a_cycle_between_packages_of_one_layer_is_refused(tmp_path: Path) -> None:
+    root = _copy(tmp_path)  # admission.gate imports upstream.pool; now the other way too
+    target = root / "serving" / "upstream" / "pool.py"
+    target.write_text(target.read_text() + "\nimport serving.admission.gate  # noqa\n")
+    result = _lint(root)
+    assert result.returncode != 0
+    assert "No import cycle" in result.stdout and "BROKEN" in result.stdout

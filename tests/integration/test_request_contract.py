@@ -20,8 +20,11 @@ import httpx
 import pytest
 
 from serving.contract import completeness
+from serving.domain.policy import PII_TYPES
 from serving.engines.environment import EngineEnvironment
 from serving.engines.sources import vllm_fields
+from serving.protection.pii import Detector
+from serving.protection.redaction import Redactor
 from serving.settings import Settings
 from tests.support import (
     Engines,
@@ -363,14 +366,30 @@ def test_a_megabyte_of_addresses_never_stalls_the_gateway(platform: Platform) ->
     addresses = " ".join(f"u{i}@ex.io" for i in range(120_000))
     content = addresses[:(1 << 20) - 200].rsplit(" ", 1)[0]
     body = _messages({"role": "user", "content": content})
-    # Redacted, then refused by the engine (far past its context); refused by the gateway.
-    for policy, code in (("redacting", "context_length_exceeded"), ("blocking", "pii_detected")):
-        resp, took, latencies = _health_while(platform, policy, body)
-        assert assert_openai_error(resp, 400)["code"] == code
-        assert took < 2.0, f"{policy}: {took:.2f} s"
-        p99 = statistics.quantiles(latencies, n=100)[98]
-        assert p99 < 0.05, f"{policy}: /healthz p99 {p99 * 1000:.0f} ms"
-        assert EMAIL not in resp.text and "u1@ex.io" not in resp.text
+    # What redacting this text costs here and now: a gateway that did it on its event loop
+    # would hold every other client that long (the old gateway froze for seconds).
+    started = time.perf_counter()
+    Redactor(Detector(PII_TYPES)).redact(content)
+    inline_s = time.perf_counter() - started
+    # Refused by the gateway after the scan: the gateway's work alone.
+    resp, took, latencies = _health_while(platform, "blocking", body)
+    assert assert_openai_error(resp, 400)["code"] == "pii_detected"
+    assert took < 2.0, f"blocking: {took:.2f} s"
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    assert p99 < 0.05, f"blocking: /healthz p99 {p99 * 1000:.0f} ms"
+    assert EMAIL not in resp.text and "u1@ex.io" not in resp.text
+    # Redacted, forwarded, refused by the engine (far past its context). The engine tokenizes
+    # the megabyte on the same two cores meanwhile, which slows every process for a moment:
+    # the bound is then against a stall as long as the redaction, not against a busy machine.
+    resp, took, latencies = _health_while(platform, "redacting", body)
+    assert assert_openai_error(resp, 400)["code"] == "context_length_exceeded"
+    assert took < 2.0, f"redacting: {took:.2f} s"
+    assert statistics.median(latencies) < 0.02, latencies
+    worst = max(latencies)
+    assert worst < max(0.05, inline_s / 2), (
+        f"redacting: /healthz waited {worst * 1000:.0f} ms; redacting inline takes "
+        f"{inline_s * 1000:.0f} ms")
+    assert EMAIL not in resp.text and "u1@ex.io" not in resp.text
 
 
 def test_the_contract_covers_every_field_vllm_accepts(engines: Engines) -> None:
