@@ -1,5 +1,10 @@
 """Draining an engine for patching: the admin API and hardening/patch-gpu-node.sh --dry-run
-against the running gateway and real engines."""
+against the running gateway and real engines.
+
+The gateway reaches demo-chat through a relay that can hold an engine's answer back: a request
+then stays in flight for as long as the test needs, deterministically. (Waiting for a long
+generation to be seen in flight raced the machine: while a CPU engine generates at full speed
+on two cores, other processes, the test's own polls among them, can stall for seconds.)"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -16,8 +21,10 @@ from tests.support import (
     REPO,
     Engines,
     GatewayProcess,
+    RecordingProxy,
     assert_openai_error,
     bearer,
+    copy_manifests,
     gateway_settings,
     new_key,
     settings_env,
@@ -27,17 +34,30 @@ pytestmark = pytest.mark.engine
 DEPLOYMENT = "demo-chat-v1"
 CHAT = {"model": "demo-chat", "max_tokens": 8,
         "messages": [{"role": "user", "content": "drain"}]}
-# Long enough to be seen in flight while it runs: four sequences of 1500 tokens (a single one
-# took under a second on an idle CPU engine, faster than the first admin calls answered).
-LONG = {**CHAT, "max_tokens": 1500, "ignore_eos": True, "n": 4}
+HELD = {**CHAT, "max_tokens": 16}
 
 
 @pytest.fixture(scope="module")
-def gateway(engines: Engines, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """A gateway process of its own: the in-thread one shares the test process's GIL with the
-    polling loop and the request threads, which in full runs delayed its admin answers."""
+def relay(engines: Engines) -> Iterator[RecordingProxy]:
+    proxy = RecordingProxy(int(str(engines.state()[DEPLOYMENT]["port"]))).start()
+    try:
+        yield proxy
+    finally:
+        proxy.release()
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(engines: Engines, relay: RecordingProxy,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """A gateway process of its own (as operators run it), reaching demo-chat through the
+    relay."""
     root = tmp_path_factory.mktemp("drain")
-    settings = gateway_settings(root, engines.models_dir)
+    models = copy_manifests(root / "models", ports={"demo-chat": relay.port})
+    for manifest in models.glob("*.yaml"):  # the other models: the engines' own ports
+        if manifest.stem != "demo-chat":
+            manifest.write_text((engines.models_dir / manifest.name).read_text())
+    settings = gateway_settings(root, models)
     gw = GatewayProcess(settings, settings_env(settings), root / "gateway.log").start()
     try:
         deadline = time.monotonic() + 60  # its engines healthy in its own view
@@ -90,52 +110,48 @@ def test_a_drained_engine_gets_no_new_requests_until_undrained(
                       headers=bearer(api_key), timeout=60).status_code == 200
 
 
-def _watch_a_long_request(gateway: GatewayProcess, admin_key: str,
-                          api_key: str) -> tuple[int, dict[str, object], list[object]]:
-    """Send LONG (not streamed) and poll the admin API until it shows it in flight."""
-    done = threading.Event()
-    outcome: dict[str, object] = {}
+def _in_flight(gateway: GatewayProcess, admin_key: str) -> int:
+    return int(str(engines(gateway, admin_key)[DEPLOYMENT]["in_flight"]))
 
-    def long_request() -> None:
-        started = time.monotonic()
-        with httpx.Client(timeout=120) as client:
-            resp = client.post(f"{gateway.url}/v1/chat/completions", json=LONG,
-                               headers=bearer(api_key))
-        outcome.update(status=resp.status_code, seconds=time.monotonic() - started,
-                       body=resp.text[:120])
-        done.set()
 
-    # One client for every poll: a new httpx client per call, beside the thread above, was
-    # seen to wait seconds before it even connected (the gateway answered curl at once).
-    with httpx.Client(timeout=10, headers=bearer(admin_key)) as polling:
-        threading.Thread(target=long_request).start()
-        seen, polls, t0 = 0, [], time.monotonic()
-        while not done.is_set() and not seen:
-            asked = time.monotonic()
-            listed = polling.get(f"{gateway.url}/admin/v1/engines").json()["data"]
-            seen = next(int(e["in_flight"]) for e in listed if e["deployment"] == DEPLOYMENT)
-            polls.append((round(asked - t0, 2), round(time.monotonic() - asked, 2), seen))
-            time.sleep(0.05)
-    done.wait(120)
-    return seen, outcome, polls
+def _wait_for(what: str, condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.1)
+
+
+def _send(gateway: GatewayProcess, api_key: str, body: dict[str, object],
+          result: dict[str, object]) -> threading.Thread:
+    """``body`` to the chat endpoint from a thread; ``result`` gets the status and the text."""
+
+    def run() -> None:
+        with httpx.Client(timeout=120) as client, client.stream(
+                "POST", f"{gateway.url}/v1/chat/completions", json=body,
+                headers=bearer(api_key)) as resp:
+            text = "".join(resp.iter_text())
+        result.update(status=resp.status_code, done="data: [DONE]" in text, text=text[-300:])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
 
 
 def test_a_non_streamed_request_counts_in_flight_while_it_generates(
-        gateway: GatewayProcess, admin_key: str, api_key: str) -> None:
+        gateway: GatewayProcess, relay: RecordingProxy, admin_key: str, api_key: str) -> None:
     """vLLM sends a non-streamed answer's headers only at the end: drain must see it before."""
-    assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
-    # Seeing it is a race between the admin polls and the request on a 2-core machine: one
-    # full run in several missed it once. Three tries; every missed one is reported.
-    missed = []
-    for _ in range(3):
-        seen, outcome, polls = _watch_a_long_request(gateway, admin_key, api_key)
-        if seen:
-            break
-        missed.append((outcome, polls))  # polls: (when asked, how long it took, in_flight)
-    assert seen == 1, missed
-    if missed:
-        print(f"in flight seen after {len(missed)} missed tries: {missed}")
-    assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
+    assert _in_flight(gateway, admin_key) == 0
+    relay.hold()  # the answer is held back: the request is in flight until released
+    result: dict[str, object] = {}
+    try:
+        sender = _send(gateway, api_key, HELD, result)
+        _wait_for("the request in flight", lambda: _in_flight(gateway, admin_key) == 1)
+        assert "status" not in result
+    finally:
+        relay.release()
+    sender.join(timeout=120)
+    assert result["status"] == 200, result
+    _wait_for("in flight back to 0", lambda: _in_flight(gateway, admin_key) == 0, 10)
 
 
 def test_drain_needs_the_admin_scope_and_a_known_deployment(
@@ -149,39 +165,18 @@ def test_drain_needs_the_admin_scope_and_a_known_deployment(
     assert engines(gateway, admin_key)[DEPLOYMENT]["draining"] is False
 
 
-def _long_stream(gateway: GatewayProcess, api_key: str, result: dict[str, object]) -> None:
-    body = {**LONG, "stream": True}
-    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
-                      headers=bearer(api_key), timeout=120) as resp:
-        text = "".join(resp.iter_text())
-    result.update(status=resp.status_code, done="data: [DONE]" in text, finished=True,
-                  text=text[-300:])
-
-
 def test_patch_dry_run_drains_waits_for_in_flight_and_undrains(
-        gateway: GatewayProcess, admin_key: str, api_key: str, undrained: None) -> None:
-    assert engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0
-    # Seeing the stream in flight races the admin polls on 2 loaded cores (full runs missed it
-    # about one time in three); up to three streams, each miss reported.
-    misses = []
-    for _ in range(3):
-        stream_result: dict[str, object] = {}
-        streamer = threading.Thread(target=_long_stream, args=(gateway, api_key, stream_result))
-        streamer.start()
-        deadline = time.monotonic() + 30
-        while engines(gateway, admin_key)[DEPLOYMENT]["in_flight"] == 0:
-            if "finished" in stream_result:
-                break
-            assert time.monotonic() < deadline, (
-                f"the stream never reached the engine: {engines(gateway, admin_key)[DEPLOYMENT]}")
-            time.sleep(0.05)
-        if "finished" not in stream_result:
-            break
-        misses.append(stream_result)
-        streamer.join(timeout=120)
-    assert "finished" not in stream_result, f"every stream ended unseen: {misses}"
-    if misses:
-        print(f"in flight seen after {len(misses)} missed streams")
+        gateway: GatewayProcess, relay: RecordingProxy, admin_key: str, api_key: str,
+        undrained: None) -> None:
+    assert _in_flight(gateway, admin_key) == 0
+    relay.hold()  # a stream in flight for as long as the drain must wait for it
+    stream_result: dict[str, object] = {}
+    streamer = _send(gateway, api_key, {**HELD, "stream": True}, stream_result)
+    try:
+        _wait_for("the stream in flight", lambda: _in_flight(gateway, admin_key) == 1)
+    except AssertionError:
+        relay.release()
+        raise
 
     env = {**os.environ, "ENCLAVE_ADMIN_KEY": admin_key, "ENCLAVE_VERIFY_KEY": api_key,
            "ENCLAVE_DRIVER_PIN": "/nonexistent"}
@@ -189,36 +184,37 @@ def test_patch_dry_run_drains_waits_for_in_flight_and_undrains(
         ["bash", str(REPO / "hardening" / "patch-gpu-node.sh"), "--dry-run",
          "--gateway", gateway.url, "--deployment", DEPLOYMENT, "--timeout", "120"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
     try:
-        # While it waits, new requests are not sent to the drained engine. The script needs
-        # a moment to start and call the admin API (longer on 2 loaded cores).
-        deadline = time.monotonic() + 20
-        while not engines(gateway, admin_key)[DEPLOYMENT]["draining"]:
-            assert script.poll() is None or script.returncode == 0, script.communicate()[0]
-            assert time.monotonic() < deadline, "the script did not drain the engine in 20 s"
-            time.sleep(0.1)
-        if "finished" in stream_result:  # ~5 s of generation: normally still going
-            print("the stream ended before the drain was seen")
+        # The script drains, then counts what is in flight: the held stream, until released.
+        assert script.stdout is not None
+        for line in script.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(f"waiting: 1 in flight on {gateway.url}"):
+                break
+        assert engines(gateway, admin_key)[DEPLOYMENT]["draining"] is True, lines
+        # While it waits, new requests are not sent to the drained engine.
         refused = httpx.post(f"{gateway.url}/v1/chat/completions", json=CHAT,
                              headers=bearer(api_key), timeout=60)
         assert refused.status_code == 503
-        out, _ = script.communicate(timeout=300)
+        assert "status" not in stream_result  # still held, still in flight
+        relay.release()
+        rest, _ = script.communicate(timeout=300)
+        lines += rest.splitlines()
     finally:
+        relay.release()
         if script.poll() is None:  # a failed assertion above: never leave the script behind
             script.kill()
             script.communicate()
     streamer.join(timeout=120)
+    out = "\n".join(lines)
 
     assert script.returncode == 0, out
     assert stream_result["status"] == 200 and stream_result["done"], stream_result
-    lines = out.splitlines()
     assert f"drained {DEPLOYMENT} on {gateway.url}" in lines
     assert f"in flight on {gateway.url}: 0" in lines
-    # The script waits while the stream runs. On a loaded machine the stream can end between
-    # the drain and the script's first count; the test above already proved it was seen.
-    waited = any(line.startswith("waiting: 1 in flight") for line in lines)
-    if not waited:
-        print(f"the stream ended before the script's first count: {out}")
+    assert lines.index(f"waiting: 1 in flight on {gateway.url}") < lines.index(
+        f"in flight on {gateway.url}: 0")
     assert "[dry-run] apt-get update -q" in lines  # package steps only printed
     assert "[dry-run] unattended-upgrade -v" in lines
     assert f"undrained {DEPLOYMENT} on {gateway.url}" in lines

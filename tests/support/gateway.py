@@ -209,7 +209,11 @@ class GatewayProcess:
 
 class RecordingProxy:
     """A TCP relay in front of a real engine that keeps every byte the gateway sent it: what
-    the engine was given, exactly (the gateway's manifests point at the proxy's port)."""
+    the engine was given, exactly (the gateway's manifests point at the proxy's port).
+
+    ``hold()`` holds back the engine's answer to every inference request sent from then on,
+    until ``release()``: the request stays in flight at the gateway as long as a test needs,
+    without keeping the engine (and the machine's cores) busy meanwhile."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -219,6 +223,20 @@ class RecordingProxy:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._holding = False
+        self._flowing: asyncio.Event | None = None  # created in the proxy's loop
+
+    def hold(self) -> None:
+        self._holding = True
+        self._loop.call_soon_threadsafe(self._stopped().clear)
+
+    def release(self) -> None:
+        self._holding = False
+        self._loop.call_soon_threadsafe(self._stopped().set)
+
+    def _stopped(self) -> asyncio.Event:
+        assert self._flowing is not None
+        return self._flowing
 
     def start(self) -> RecordingProxy:
         self._thread.start()
@@ -238,6 +256,8 @@ class RecordingProxy:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         server = self._loop.run_until_complete(
             asyncio.start_server(self._relay, "127.0.0.1", self.port))
         self._ready.set()
@@ -255,13 +275,20 @@ class RecordingProxy:
             writer.close()
             return
 
+        held = False  # this connection carries an inference request sent while holding
+
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
                        record: bool) -> None:
+            nonlocal held
             try:
                 while data := await src.read(65536):
                     if record:
                         with self._lock:
                             self._sent += data
+                        if self._holding and data.startswith(b"POST /v1/"):
+                            held = True
+                    elif held:
+                        await self._stopped().wait()
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, asyncio.CancelledError):
