@@ -47,7 +47,7 @@ if [[ $# -eq 0 ]]; then
     .venv/bin/mypy
     .venv/bin/lint-imports --no-cache  # the layers (pyproject.toml, README: Layout)
     shellcheck -x hardening/*.sh hardening/*/*.sh infra/terraform/modules/bootstrap/bootstrap.sh \
-        tests/run.sh
+        tests/run.sh tests/gpu/check.sh
     bats tests/hardening
 fi
 # The engine environment (vLLM in its own virtualenv) and the demo model: no-ops once done.

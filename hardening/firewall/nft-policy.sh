@@ -8,9 +8,18 @@
 #
 # Everything lives in one table, `inet enclave`: default drop on input, forward and output;
 # loopback and established traffic allowed; each role opens only what it serves, to whom
-# (examples/*.conf); drops are logged at a limited rate. IPv4 only: IPv6 is dropped.
-# ENCLAVE_FIREWALL_STATE_DIR (default /var/lib/enclave-firewall) keeps the previous table and
-# the one in force (current.nft), which enclave-firewall.service loads at boot.
+# (examples/*.conf); ping only from the configured networks; drops are logged at a limited
+# rate. IPv4 only: IPv6 is dropped.
+#
+# Every address must be private (RFC 1918, or loopback) unless allow_public_cidrs=yes; 0.0.0.0/0
+# is refused always; numbers with leading zeros are refused (nft reads them as octal).
+#
+# Exit status: 0 done; 1 nft refused or failed (nothing changed); 64 usage; 65 bad config
+# (nothing generated, nothing changed).
+# ENCLAVE_FIREWALL_STATE_DIR (default /var/lib/enclave-firewall) keeps the previous table
+# (previous.nft, for rollback; kept as it is when an apply changes nothing) and the one in
+# force (current.nft), which enclave-firewall.service loads at boot. Temporary files go to
+# TMPDIR (default /tmp) and are removed.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source-path=SCRIPTDIR source=../lib/common.sh
@@ -19,17 +28,29 @@ source "$here/../lib/common.sh"
 NFT=${NFT:-nft}
 STATE_DIR=${ENCLAVE_FIREWALL_STATE_DIR:-/var/lib/enclave-firewall}
 ADDRESS_KEYS=(client_cidrs gateway_addrs engine_addrs monitoring_cidrs admin_cidrs dns ntp mirrors)
+# Where traffic may come from: ping (echo request) is answered from these only.
+SOURCE_KEYS=(client_cidrs gateway_addrs engine_addrs monitoring_cidrs admin_cidrs)
 PORT_KEYS=(gateway_port engine_ports exporter_port node_exporter_port ssh_port)
 # services: other internal services this host calls, as ADDRESS:PORT (PostgreSQL, Redis, ...)
 # forward: drop (default) or accept (hosts whose container runtime routes through them)
+# allow_public_cidrs: yes lets an address key hold public addresses (never 0.0.0.0/0)
 declare -A cfg=([gateway_port]=8000 [exporter_port]=9400 [node_exporter_port]=9100
-                [ssh_port]=22 [log_rate]=5/minute [forward]=drop)
+                [ssh_port]=22 [log_rate]=5/minute [forward]=drop [allow_public_cidrs]=no)
+EX_FAILED=1
+EX_USAGE=64
+EX_CONFIG=65
 
-usage() { sed -n '2,12s/^# \{0,1\}//p' "$0" >&2; exit 2; }
+usage() {  # the header comment, up to the first line of code
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
+    exit "$EX_USAGE"
+}
+bad_config() { printf 'error: %s\n' "$*" >&2; exit "$EX_CONFIG"; }
+failed() { printf 'error: %s\n' "$*" >&2; exit "$EX_FAILED"; }
 
 known_key() {
     local key=$1 k
-    for k in role log_rate services forward "${ADDRESS_KEYS[@]}" "${PORT_KEYS[@]}"; do
+    for k in role log_rate services forward allow_public_cidrs "${ADDRESS_KEYS[@]}" \
+            "${PORT_KEYS[@]}"; do
         [[ $k == "$key" ]] && return 0
     done
     return 1
@@ -38,15 +59,15 @@ known_key() {
 load_config() {
     local file=$1 line key n=0
     local -a words
-    [[ -f $file && -r $file ]] || die "cannot read the config $file"
+    [[ -f $file && -r $file ]] || bad_config "cannot read the config $file"
     while IFS= read -r line || [[ -n $line ]]; do
         n=$((n + 1))
         line=${line%%#*}
         [[ $line =~ ^[[:space:]]*$ ]] && continue
         [[ $line =~ ^[[:space:]]*([a-z_]+)[[:space:]]*=(.*)$ ]] \
-            || die "$file:$n: expected key=value"
+            || bad_config "$file:$n: expected key=value"
         key=${BASH_REMATCH[1]}
-        known_key "$key" || die "$file:$n: unknown key '$key'"
+        known_key "$key" || bad_config "$file:$n: unknown key '$key'"
         read -r -a words <<< "${BASH_REMATCH[2]}"
         cfg[$key]="${words[*]}"
     done < "$file"
@@ -59,36 +80,81 @@ validate() {
         gateway) require "$file" client_cidrs engine_addrs engine_ports admin_cidrs ;;
         engine) require "$file" gateway_addrs engine_ports admin_cidrs ;;
         all-in-one) require "$file" client_cidrs admin_cidrs ;;
-        *) die "$file: role must be gateway, engine or all-in-one (got '${cfg[role]:-}')" ;;
+        *) bad_config "$file: role must be gateway, engine or all-in-one (got '${cfg[role]:-}')" ;;
     esac
+    [[ ${cfg[allow_public_cidrs]} == yes || ${cfg[allow_public_cidrs]} == no ]] \
+        || bad_config "$file: allow_public_cidrs must be yes or no"
     # admin_cidrs=none: no ssh at all (said explicitly, so nobody locks themselves out by omission)
     [[ ${cfg[admin_cidrs]} == none ]] && cfg[admin_cidrs]=""
     for key in "${ADDRESS_KEYS[@]}"; do
         for value in ${cfg[$key]:-}; do
-            is_ipv4 "$value" || die "$file: $key: '$value' is not an IPv4 address or CIDR"
+            check_address "$file" "$key" "$value"
         done
     done
     for value in ${cfg[services]:-}; do
         if ! { [[ $value == *:* ]] && is_ipv4 "${value%:*}" && is_port "${value##*:}"; }; then
-            die "$file: services: '$value' is not ADDRESS:PORT"
+            bad_config "$file: services: '$value' is not ADDRESS:PORT"
         fi
+        check_address "$file" services "${value%:*}"
+        check_port "$file" services "${value##*:}"
     done
     [[ ${cfg[forward]} == drop || ${cfg[forward]} == accept ]] \
-        || die "$file: forward must be drop or accept"
+        || bad_config "$file: forward must be drop or accept"
     for key in "${PORT_KEYS[@]}"; do
         for value in ${cfg[$key]:-}; do
-            is_port "$value" || die "$file: $key: '$value' is not a port (1-65535)"
+            is_port "$value" || bad_config "$file: $key: '$value' is not a port (1-65535)"
+            check_port "$file" "$key" "$value"
         done
     done
     [[ ${cfg[log_rate]} =~ ^[0-9]+/(second|minute|hour)$ ]] \
-        || die "$file: log_rate must look like 5/minute"
+        || bad_config "$file: log_rate must look like 5/minute"
+}
+
+# A number written with a leading zero means one thing to a reader (and to this validator)
+# and another to nft, which reads it as octal: 010.0.1.010 is 8.0.1.8, port 0443 is 291.
+has_leading_zero() { [[ $1 =~ (^|[./:])0[0-9] ]]; }
+
+check_port() {
+    local file=$1 key=$2 value=$3
+    has_leading_zero "$value" \
+        && bad_config "$file: $key: '$value' has a leading zero (nft would read it as octal)"
+    return 0
+}
+
+# check_address FILE KEY VALUE: an IPv4 address or CIDR, without leading zeros, never
+# 0.0.0.0/0, and private (RFC 1918 or loopback) unless allow_public_cidrs=yes.
+check_address() {
+    local file=$1 key=$2 value=$3
+    has_leading_zero "$value" \
+        && bad_config "$file: $key: '$value' has a leading zero (nft would read it as octal)"
+    is_ipv4 "$value" || bad_config "$file: $key: '$value' is not an IPv4 address or CIDR"
+    [[ ${value#*/} == 0 && $value == */* ]] \
+        && bad_config "$file: $key: '$value' is every address; name the networks instead"
+    if [[ ${cfg[allow_public_cidrs]} != yes ]] && ! is_private "$value"; then
+        bad_config "$file: $key: '$value' is not a private network (RFC 1918); set" \
+            "allow_public_cidrs=yes if it must be"
+    fi
+    return 0
+}
+
+# is_private ADDR[/PREFIX]: the whole range lies in 10/8, 172.16/12, 192.168/16 or 127/8.
+is_private() {
+    local value=$1 addr prefix a b
+    addr=${value%/*}
+    prefix=32
+    [[ $value == */* ]] && prefix=${value#*/}
+    IFS=. read -r a b _ _ <<< "$addr"
+    if (( a == 10 || a == 127 )); then (( prefix >= 8 )); return; fi
+    if (( a == 172 && b >= 16 && b <= 31 )); then (( prefix >= 12 )); return; fi
+    if (( a == 192 && b == 168 )); then (( prefix >= 16 )); return; fi
+    return 1
 }
 
 require() {
     local file=$1 key
     shift
     for key in "$@"; do
-        [[ -n ${cfg[$key]:-} ]] || die "$file: role ${cfg[role]} needs $key"
+        [[ -n ${cfg[$key]:-} ]] || bad_config "$file: role ${cfg[role]} needs $key"
     done
 }
 
@@ -114,8 +180,17 @@ ruleset() {
     printf '\tchain input {\n\t\ttype filter hook input priority filter; policy drop;\n'
     printf '\t\tiif "lo" accept\n\t\tct state established,related accept\n'
     printf '\t\tct state invalid drop\n'
-    printf '\t\ticmp type { echo-request, destination-unreachable, time-exceeded, '
-    printf 'parameter-problem } limit rate 10/second accept\n'
+    # Errors about our own connections from anywhere; ping only from the configured networks.
+    printf '\t\ticmp type { destination-unreachable, time-exceeded, parameter-problem } '
+    printf 'limit rate 10/second accept\n'
+    local key sources=""
+    for key in "${SOURCE_KEYS[@]}"; do
+        [[ -n ${cfg[$key]:-} ]] && sources+=" ${cfg[$key]}"
+    done
+    if [[ -n ${sources# } ]]; then
+        printf '\t\tip saddr %s icmp type echo-request limit rate 10/second accept\n' \
+            "$(set_of "${sources# }")"
+    fi
     # Prometheus scrapes /metrics on the gateway port, the engine ports and the exporters.
     if [[ $role == engine ]]; then
         accept_from gateway_addrs "${cfg[engine_ports]}"
@@ -168,25 +243,37 @@ check() {
     ruleset > "$1"
     if ! "$NFT" -c -f "$1"; then
         rm -f "$1"
-        die "nft refused the generated ruleset; nothing was applied"
+        failed "nft refused the generated ruleset; nothing was applied"
     fi
 }
 
 apply() {
-    local file previous=$STATE_DIR/previous.nft
+    local file previous=$STATE_DIR/previous.nft before after
     file=$(mktemp)
+    before=$(mktemp)
+    after=$(mktemp)
+    # shellcheck disable=SC2064  # expand now: the trap removes these files whatever happens
+    trap "rm -f '$file' '$before' '$after'" EXIT
     check "$file"
     install -d -m 700 "$STATE_DIR"
-    if "$NFT" list table inet enclave > "$previous.tmp" 2> /dev/null; then
-        mv "$previous.tmp" "$previous"
-    else
-        rm -f "$previous.tmp" "$previous"  # no table before: rollback removes ours
-    fi
+    local had_table=1
+    "$NFT" list table inet enclave > "$before" 2> /dev/null || had_table=0
     if ! "$NFT" -f "$file"; then  # one transaction: on failure nothing changed
-        rm -f "$file"
-        die "nft failed to apply; the previous ruleset is still in force"
+        failed "nft failed to apply; the previous ruleset is still in force"
     fi
-    mv "$file" "$STATE_DIR/current.nft"
+    "$NFT" list table inet enclave > "$after"
+    if (( had_table )) && cmp -s "$before" "$after"; then
+        # The same ruleset again: previous.nft still holds the one before the last change.
+        cp "$file" "$STATE_DIR/current.nft"
+        log "the ${cfg[role]} ruleset is already in force; nothing changed (previous.nft kept)"
+        return 0
+    fi
+    if (( had_table )); then
+        cp "$before" "$previous"
+    else
+        rm -f "$previous"  # no table before: rollback removes ours
+    fi
+    cp "$file" "$STATE_DIR/current.nft"
     log "applied the ${cfg[role]} ruleset (previous table saved for rollback)"
 }
 
@@ -198,7 +285,7 @@ rollback() {
     else
         printf 'table inet enclave\ndelete table inet enclave\n' > "$file"
     fi
-    "$NFT" -f "$file" || { rm -f "$file"; die "rollback failed; nothing changed"; }
+    "$NFT" -f "$file" || { rm -f "$file"; failed "rollback failed; nothing changed"; }
     rm -f "$file"
     if [[ -s $previous ]]; then
         cp "$previous" "$STATE_DIR/current.nft"

@@ -46,6 +46,30 @@ try:
 except OSError as exc:
     sys.exit(f"{type(exc).__name__}")
 """
+# An ICMP echo request from a raw socket (no ping binary needed); exit 0 on the echo reply.
+PING = """
+import os, socket, struct, sys, time
+def checksum(data):
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    return ~(total + (total >> 16)) & 0xFFFF
+ident = os.getpid() & 0xFFFF
+packet = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"enclave-ping"
+packet = packet[:2] + struct.pack("!H", checksum(packet)) + packet[4:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.sendto(packet, (sys.argv[1], 0))
+deadline = time.monotonic() + 1.5
+while (left := deadline - time.monotonic()) > 0:
+    s.settimeout(left)
+    try:
+        data, (addr, _) = s.recvfrom(1024)
+    except OSError:
+        break
+    kind, _, _, got = struct.unpack("!BBHH", data[20:26])
+    if addr == sys.argv[1] and kind == 0 and got == ident:
+        sys.exit(0)
+sys.exit("no echo reply")
+"""
 HTTP = """
 import json, sys, urllib.request
 req = urllib.request.Request(sys.argv[1], data=sys.argv[3].encode() or None,
@@ -111,6 +135,9 @@ class Lab:
 
     def udp(self, src: str, dst: str, port: int) -> bool:
         return self.run(src, sys.executable, "-c", UDP, IP[dst], str(port)).returncode == 0
+
+    def ping(self, src: str, dst: str) -> bool:
+        return self.run(src, sys.executable, "-c", PING, IP[dst]).returncode == 0
 
     def firewall(self, role: str, *args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "ENCLAVE_FIREWALL_STATE_DIR": str(self.root / f"fw-{role}")}
@@ -212,6 +239,66 @@ def test_gateway_reaches_the_engine_port_and_nothing_else_there(closed: tuple[La
     assert not net.tcp("gateway", "engine", 22)
 
 
+def test_ping_is_answered_only_from_the_configured_networks(closed: tuple[Lab, str]) -> None:
+    net, _ = closed
+    assert net.ping("client", "gateway")  # in the gateway's client_cidrs
+    assert not net.ping("outside", "gateway")
+    assert not net.ping("client", "engine")  # not among the engine host's networks
+    assert not net.ping("outside", "engine")
+    assert net.ping("client", "outside")  # hosts without the firewall answer: a real ping
+
+
+def test_configs_that_would_open_the_firewall_are_refused(closed: tuple[Lab, str]) -> None:
+    """Each refused with 65 before anything is generated; the rules in force stay as they are,
+    and the outside still cannot reach the gateway or the engine."""
+    net, _ = closed
+    before = {role: net.ruleset(role) for role in ("gateway", "engine")}
+    gateway_base = (f"role=gateway\nengine_addrs={IP['engine']}\nengine_ports={ENGINE_PORT}\n"
+                    f"gateway_port={GATEWAY_PORT}\nadmin_cidrs=none\n")
+    engine_base = f"role=engine\nengine_ports={ENGINE_PORT}\nadmin_cidrs=none\n"
+    cases = [
+        ("gateway", gateway_base + "client_cidrs=0.0.0.0/0\n", "is every address"),
+        ("gateway", gateway_base + "client_cidrs=0.0.0.0/0\nallow_public_cidrs=yes\n",
+         "is every address"),
+        ("gateway", gateway_base + "client_cidrs=8.8.8.0/24\n", "not a private network"),
+        ("engine", engine_base + "gateway_addrs=010.77.0.020\n", "leading zero"),
+        ("engine", f"role=engine\ngateway_addrs={IP['gateway']}\nengine_ports=0443\n"
+         "admin_cidrs=none\n", "leading zero"),
+    ]
+    for role, text, why in cases:
+        refused = net.firewall(role, "apply", str(config(net.root, "open.conf", text)))
+        assert refused.returncode == 65, refused.stderr
+        assert why in refused.stderr
+        assert net.ruleset(role) == before[role]
+    assert not net.tcp("outside", "gateway", GATEWAY_PORT)
+    assert not net.tcp("outside", "engine", ENGINE_PORT)
+    assert not net.tcp("client", "engine", ENGINE_PORT)
+
+
+def test_reapplying_the_ruleset_in_force_keeps_the_rollback_point(
+        closed: tuple[Lab, str]) -> None:
+    net, _ = closed
+    state = net.root / "fw-engine"
+    closed_conf = net.root / "engine.conf"
+    in_force = net.ruleset("engine")
+    wide = config(net.root, "wide2.conf", f"role=engine\ngateway_addrs={NET}.0/24\n"
+                  f"engine_ports={ENGINE_PORT}\nadmin_cidrs=none\n")
+    try:
+        assert net.firewall("engine", "apply", str(wide)).returncode == 0  # a real change
+        saved = (state / "previous.nft").read_text()
+        again = net.firewall("engine", "apply", str(wide))  # the same ruleset again
+        assert again.returncode == 0, again.stderr
+        assert "already in force; nothing changed (previous.nft kept)" in again.stderr
+        assert (state / "previous.nft").read_text() == saved
+        assert net.tcp("client", "engine", ENGINE_PORT)
+        assert net.firewall("engine", "rollback").returncode == 0  # to before the real change
+        assert net.ruleset("engine") == in_force
+        assert not net.tcp("client", "engine", ENGINE_PORT)
+    finally:
+        net.firewall("engine", "apply", str(closed_conf))
+    assert net.ruleset("engine") == in_force
+
+
 def test_engine_and_gateway_cannot_reach_outside(closed: tuple[Lab, str]) -> None:
     net, _ = closed
     assert not net.tcp("engine", "outside", 443)
@@ -237,7 +324,7 @@ def test_an_invalid_config_is_refused_before_anything_changes(closed: tuple[Lab,
                       ("role=engine\ngateway_addrs=10.77.0.20\nengine_ports=8101\nfoo=1\n",
                        "unknown key")):
         refused = net.firewall("engine", "apply", str(config(net.root, "bad.conf", text)))
-        assert refused.returncode != 0
+        assert refused.returncode == 65, refused.stderr
         assert why in refused.stderr
         assert net.ruleset("engine") == before
     assert not net.tcp("client", "engine", ENGINE_PORT)
