@@ -82,9 +82,15 @@ def _digits(value: str) -> str:
 
 def _card(value: str) -> bool:
     digits = _digits(value)
-    # Issuer prefixes of the networks in use (Visa 4, Mastercard 2/5, Amex 3, Discover 6),
-    # then Luhn: a random 16-digit number passes Luhn one time in ten.
-    return 13 <= len(digits) <= 19 and digits[0] in "23456" and _luhn.is_valid(digits)
+    # Issuer prefixes of the networks in use (Visa 4, Mastercard 5 and 2221-2720, Amex 3,
+    # Discover 6), then Luhn: a random 16-digit number passes Luhn one time in ten. Mastercard's
+    # 2-series has 16 digits: any number starting with 2 took French social security numbers
+    # (15 digits, passing Luhn as often) for cards.
+    if not 13 <= len(digits) <= 19 or not _luhn.is_valid(digits):
+        return False
+    if digits[0] == "2":
+        return len(digits) == 16 and 2221 <= int(digits[:4]) <= 2720
+    return digits[0] in "3456"
 
 
 def _ssn_valid(value: str) -> bool:

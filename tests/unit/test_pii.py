@@ -22,6 +22,8 @@ CASES = [
     ("PHONE", "call (415) 555-2671 now"),
     ("CREDIT_CARD", f"card {CARD} exp 12/29"),
     ("CREDIT_CARD", "card 5500-0000-0000-0004."),
+    ("CREDIT_CARD", "card 2221 0000 0000 0009"),  # Mastercard's 2-series
+    ("FR_NIR", "nir 2 61 02 48 881 888 48"),  # passes Luhn too: not a card (15 digits, 26...)
     ("IBAN", f"iban {IBAN} please"),
     ("IBAN", "DE89370400440532013000"),
     ("IP_ADDRESS", "host 10.1.2.3."),
