@@ -2,6 +2,7 @@
 
     GatewayError                      (500 internal_error)
     ├── InvalidRequest                (400 invalid_request_error)
+    │   ├── InvalidBody               (400, logged invalid_request: FastAPI's validation)
     │   ├── UnsupportedParameter      (400 unsupported_parameter)
     │   ├── RequestTimeout            (408 request_timeout)
     │   └── PayloadTooLarge           (413)
@@ -58,6 +59,14 @@ class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+
+
+class InvalidBody(InvalidRequest):
+    """A body FastAPI's validation refused (the admin and OAuth routes)."""
+
+    @property
+    def log_code(self) -> str:
+        return "invalid_request"
 
 
 class UnsupportedParameter(InvalidRequest):

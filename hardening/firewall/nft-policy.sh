@@ -11,8 +11,9 @@
 # (examples/*.conf); ping only from the configured networks; drops are logged at a limited
 # rate. IPv4 only: IPv6 is dropped.
 #
-# Every address must be private (RFC 1918, or loopback) unless allow_public_cidrs=yes; 0.0.0.0/0
-# is refused always; numbers with leading zeros are refused (nft reads them as octal).
+# Every address must be private (RFC 1918, loopback or link-local) unless
+# allow_public_cidrs=yes; a network wider than /8 (0.0.0.0/0, two /1s...) is refused always;
+# numbers with leading zeros are refused (nft reads them as octal).
 #
 # Exit status: 0 done; 1 nft refused or failed (nothing changed); 64 usage; 65 bad config
 # (nothing generated, nothing changed).
@@ -121,15 +122,18 @@ check_port() {
     return 0
 }
 
-# check_address FILE KEY VALUE: an IPv4 address or CIDR, without leading zeros, never
-# 0.0.0.0/0, and private (RFC 1918 or loopback) unless allow_public_cidrs=yes.
+# check_address FILE KEY VALUE: an IPv4 address or CIDR, without leading zeros, never wider
+# than /8, and private (RFC 1918, loopback, link-local) unless allow_public_cidrs=yes.
 check_address() {
     local file=$1 key=$2 value=$3
     has_leading_zero "$value" \
         && bad_config "$file: $key: '$value' has a leading zero (nft would read it as octal)"
     is_ipv4 "$value" || bad_config "$file: $key: '$value' is not an IPv4 address or CIDR"
-    [[ ${value#*/} == 0 && $value == */* ]] \
-        && bad_config "$file: $key: '$value' is every address; name the networks instead"
+    if [[ $value == */* ]] && (( 10#${value#*/} < 8 )); then
+        [[ ${value#*/} == 0 ]] \
+            && bad_config "$file: $key: '$value' is every address; name the networks instead"
+        bad_config "$file: $key: '$value' is wider than a /8; name the networks instead"
+    fi
     if [[ ${cfg[allow_public_cidrs]} != yes ]] && ! is_private "$value"; then
         bad_config "$file: $key: '$value' is not a private network (RFC 1918); set" \
             "allow_public_cidrs=yes if it must be"
@@ -137,7 +141,8 @@ check_address() {
     return 0
 }
 
-# is_private ADDR[/PREFIX]: the whole range lies in 10/8, 172.16/12, 192.168/16 or 127/8.
+# is_private ADDR[/PREFIX]: the whole range lies in 10/8, 172.16/12, 192.168/16, loopback
+# 127/8 or link-local 169.254/16 (never routed: a cloud's time and metadata services).
 is_private() {
     local value=$1 addr prefix a b
     addr=${value%/*}
@@ -147,6 +152,7 @@ is_private() {
     if (( a == 10 || a == 127 )); then (( prefix >= 8 )); return; fi
     if (( a == 172 && b >= 16 && b <= 31 )); then (( prefix >= 12 )); return; fi
     if (( a == 192 && b == 168 )); then (( prefix >= 16 )); return; fi
+    if (( a == 169 && b == 254 )); then (( prefix >= 16 )); return; fi
     return 1
 }
 
@@ -248,7 +254,7 @@ check() {
 }
 
 apply() {
-    local file previous=$STATE_DIR/previous.nft before after
+    local file before after
     file=$(mktemp)
     before=$(mktemp)
     after=$(mktemp)
@@ -261,19 +267,31 @@ apply() {
     if ! "$NFT" -f "$file"; then  # one transaction: on failure nothing changed
         failed "nft failed to apply; the previous ruleset is still in force"
     fi
-    "$NFT" list table inet enclave > "$after"
+    # The new ruleset is in force from here: a failure to record it says so.
+    record_state "$file" "$before" "$after" "$had_table" \
+        || failed "the ${cfg[role]} ruleset is in force, but $STATE_DIR could not be updated:" \
+            "current.nft and previous.nft may be stale (boot and rollback would use them)"
+}
+
+# record_state RULESET BEFORE AFTER HAD_TABLE: current.nft, and previous.nft unless the
+# ruleset now in force is the one that was (each file replaced whole, by rename).
+record_state() {
+    local file=$1 before=$2 after=$3 had_table=$4
+    "$NFT" list table inet enclave > "$after" || return 1
     if (( had_table )) && cmp -s "$before" "$after"; then
-        # The same ruleset again: previous.nft still holds the one before the last change.
-        cp "$file" "$STATE_DIR/current.nft"
+        cp "$file" "$STATE_DIR/current.nft.tmp" && mv "$STATE_DIR/current.nft.tmp" \
+            "$STATE_DIR/current.nft" || return 1
         log "the ${cfg[role]} ruleset is already in force; nothing changed (previous.nft kept)"
         return 0
     fi
     if (( had_table )); then
-        cp "$before" "$previous"
+        cp "$before" "$STATE_DIR/previous.nft.tmp" \
+            && mv "$STATE_DIR/previous.nft.tmp" "$STATE_DIR/previous.nft" || return 1
     else
-        rm -f "$previous"  # no table before: rollback removes ours
+        rm -f "$STATE_DIR/previous.nft" || return 1  # no table before: rollback removes ours
     fi
-    cp "$file" "$STATE_DIR/current.nft"
+    cp "$file" "$STATE_DIR/current.nft.tmp" \
+        && mv "$STATE_DIR/current.nft.tmp" "$STATE_DIR/current.nft" || return 1
     log "applied the ${cfg[role]} ruleset (previous table saved for rollback)"
 }
 

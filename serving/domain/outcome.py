@@ -1,7 +1,8 @@
 """What happened to one request: gathered along the request path in a ``RequestContext``, then
-frozen into one ``Outcome`` when the answer ends. The audit record (``audit.trail``), the
+frozen into an ``Outcome``. The audit record (``audit.trail``) is built from the outcome as it
+stands when the last byte is about to go (it is written before the client sees the end); the
 access-log line (``logs.access_fields``) and the metrics (``metrics.GatewayMetrics.observe``)
-are each built from the outcome, in one place.
+from the outcome once the request has ended (settled, or abandoned late). Each in one place.
 
 Each fact of the context is written once, by the code that owns it:
 

@@ -26,16 +26,19 @@ from serving.domain.policy import Caps, ToolGuard
 from serving.protection import scanning
 
 # Each signal is one family of attack, with its weight; scores combine as independent
-# evidence: 1 - prod(1 - w). One pattern per family, matched case-insensitively.
+# evidence: 1 - prod(1 - w). One pattern per family, matched case-insensitively. Every
+# repetition is bounded (whitespace runs at 64), so that a match is never longer than the
+# overlap of ``scanning``'s windows.
 _SIGNALS: dict[str, tuple[float, str]] = {
     "instruction_override": (0.6, (
         r"\b(?:ignore|disregard|forget|skip|override|bypass)\b.{0,40}?\b(?:previous|prior|above|"
         r"earlier|preceding|all|any|your|the|system)\b.{0,20}?\b(?:instructions?|prompts?|rules|"
-        r"directions|guidelines|constraints|polic(?:y|ies))\b|\bnew instructions\s*:|\bfrom now "
-        r"on,? you (?:will|must|are)\b")),
+        r"directions|guidelines|constraints|polic(?:y|ies))\b|\bnew instructions\s{0,64}:"
+        r"|\bfrom now on,? you (?:will|must|are)\b")),
     "prompt_extraction": (0.6, (
         r"\b(?:reveal|show|print|repeat|output|display|tell me|give me|leak|dump|what (?:is|are|"
-        r"were))\b.{0,30}?\b(?:your|the)\s+(?:system|initial|hidden|original|secret|developer)\s+"
+        r"were))\b.{0,30}?\b(?:your|the)\s{1,64}"
+        r"(?:system|initial|hidden|original|secret|developer)\s{1,64}"
         r"(?:prompt|instructions?|message|rules)|\brepeat (?:the|all) (?:words|text|lines) "
         r"(?:above|before)\b")),
     "role_play_jailbreak": (0.5, (
@@ -45,8 +48,8 @@ _SIGNALS: dict[str, tuple[float, str]] = {
         r"(?:restrictions|filters|limitations|censorship|guidelines)\b|\bact as (?:an? )?"
         r"(?:unrestricted|unfiltered|uncensored)\b")),
     "delimiter_injection": (0.4, (
-        r"<\|im_start\|>\s*system|<\|system\|>|\[/?INST\]|<<SYS>>|</?system>|^#{2,}\s*system\s*:|"
-        r"<\|start_header_id\|>\s*system")),
+        r"<\|im_start\|>\s{0,64}system|<\|system\|>|\[/?INST\]|<<SYS>>|</?system>"
+        r"|^#{2,64}\s{0,64}system\s{0,64}:|<\|start_header_id\|>\s{0,64}system")),
 }
 _PATTERN = re.compile("|".join(f"(?P<{name}>{regex})" for name, (_, regex) in _SIGNALS.items()),
                       re.IGNORECASE | re.MULTILINE | re.DOTALL)

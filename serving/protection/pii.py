@@ -52,10 +52,36 @@ class _Rule:
     validate: Validator | None = None
     group: int = 0  # the part of the match that is the value (a bearer token, not "Bearer")
     numeric: bool = False  # runs only inside the digit runs ``_NUMERIC`` finds
-    # Scanned in bounded steps (``scanning``), except a pattern whose match has no bound
-    # that a truncated text still matches (a key block's lazy ``.*?``): its literal start
-    # makes one whole-text search cheap.
+    # Scanned in bounded steps (``scanning``), except a pattern whose match has no bound that
+    # a truncated text still matches (a JWT's segments): it is linear in the text, in one
+    # search per match.
     stepped: bool = True
+    finder: Callable[[str], Iterator[re.Match[str]]] | None = None  # instead of the pattern
+
+
+_KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+_KEY_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+_KEY_BLOCK = re.compile(
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----",
+    re.S)
+
+
+def _key_blocks(text: str) -> Iterator[re.Match[str]]:
+    """``_KEY_BLOCK.finditer(text)`` in linear time: the pattern alone tries every BEGIN
+    against the rest of the text (a text of BEGIN lines without an END took minutes per
+    megabyte). Each BEGIN is matched up to the first END after it; once no END follows, no
+    later BEGIN can have one."""
+    pos = 0
+    while (begin := _KEY_BEGIN.search(text, pos)) is not None:
+        end = _KEY_END.search(text, begin.end())
+        if end is None:
+            return
+        block = _KEY_BLOCK.match(text, begin.start(), end.end())
+        if block is not None:
+            yield block
+            pos = block.end()
+        else:
+            pos = begin.end()
 
 
 def _has(*needles: str) -> Callable[[str], bool]:
@@ -143,15 +169,17 @@ def _high_entropy(value: str) -> bool:
 # ``numeric`` run only inside the runs of digits and separators that ``_NUMERIC`` finds in one
 # pass: a regular expression costs about 10 ns per character scanned, so scanning the whole
 # text once per kind of number would cost five times as much.
-_NUMERIC = re.compile(r"\d[\d ().+-]{5,}\d")
+# At least 7 characters and 4 digits, separators in runs of at most 4 (the numbers below have 2
+# at most): a run of separators cannot make one search scan far past the digits.
+_NUMERIC = re.compile(r"(?=[\d ().+-]{7})\d(?:[ ().+-]{0,4}\d){3,}")
 _API_KEY_PREFIXES = ("AIza", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xox", "sk-", "glpat-")
 _RULES: tuple[_Rule, ...] = (
-    _Rule("PRIVATE_KEY", re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----",
-        re.S), _has("PRIVATE KEY-----"), stepped=False),
-    _Rule("JWT", re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
-          _has("eyJ")),
-    _Rule("BEARER_TOKEN", re.compile(r"(?i)\bbearer\s+([A-Za-z0-9._~+/-]{16,}=*)"),
+    _Rule("PRIVATE_KEY", _KEY_BLOCK, _has("PRIVATE KEY-----"), finder=_key_blocks),
+    # Starts only where a run of token characters starts: each run is read at most twice.
+    _Rule("JWT", re.compile(
+        r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
+        _has("eyJ"), stepped=False),
+    _Rule("BEARER_TOKEN", re.compile(r"(?i)\bbearer\s{1,64}([A-Za-z0-9._~+/-]{16,}=*)"),
           _has("earer", "EARER"), group=1),
     _Rule("AWS_ACCESS_KEY", re.compile(
         r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA)[A-Z2-7]{16}\b"),
@@ -195,9 +223,7 @@ def _iban_span(text: str, start: int, end: int) -> int | None:
     return None
 
 
-class ScanTooLong(Exception):
-    """The scan passed its deadline: the caller refuses the request rather than stall."""
-
+ScanTooLong = scanning.ScanTooLong  # the scan passed its deadline
 
 # The shortest text any rule can match ("a@b.cc"): shorter strings (names, schema keywords)
 # are not scanned at all.
@@ -241,12 +267,16 @@ class Detector:
                 if windows is None:
                     # A leading "+" or "(" belongs to a phone number.
                     windows = [(max(m.start() - 1, 0), m.end())
-                               for m in scanning.finditer(_NUMERIC, text)]
+                               for m in scanning.finditer(_NUMERIC, text, deadline)]
                 matches = (m for start, end in windows
                            for m in rule.pattern.finditer(text, start, end))
             elif rule.trigger(text):
-                matches = (scanning.finditer(rule.pattern, text) if rule.stepped
-                           else rule.pattern.finditer(text))
+                if rule.finder is not None:
+                    matches = rule.finder(text)
+                elif rule.stepped:
+                    matches = scanning.finditer(rule.pattern, text, deadline)
+                else:
+                    matches = rule.pattern.finditer(text)
             else:
                 continue
             new_starts: list[int] = []

@@ -19,6 +19,7 @@ start position, so a window's first match is judged on the real text before it.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 
 STEP = 1 << 15
@@ -26,7 +27,14 @@ OVERLAP = 1 << 12  # longer than any bounded pattern's match, with MARGIN to spa
 MARGIN = 256  # a match ending this close to a window's end is taken again from the whole text
 
 
-def finditer(pattern: re.Pattern[str], text: str) -> Iterator[re.Match[str]]:
+class ScanTooLong(Exception):
+    """The scan passed its deadline: the caller refuses the request rather than stall."""
+
+
+def finditer(pattern: re.Pattern[str], text: str,
+             deadline: float | None = None) -> Iterator[re.Match[str]]:
+    """``deadline`` (``time.monotonic()``) is checked at every window: past it,
+    ``ScanTooLong``."""
     n = len(text)
     if n <= STEP + OVERLAP:
         yield from pattern.finditer(text)
@@ -34,6 +42,8 @@ def finditer(pattern: re.Pattern[str], text: str) -> Iterator[re.Match[str]]:
     window = 0
     pos = 0  # where a whole-text finditer would search next
     while pos < n:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ScanTooLong
         limit = min(window + STEP + OVERLAP, n)
         accept_before = window + STEP if limit < n else n
         for match in pattern.finditer(text, pos, limit):

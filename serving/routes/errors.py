@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Scope, Send
 
-from serving.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from serving.errors import GatewayError, InvalidBody, InvalidRequest, MethodNotAllowed, NotFound
 from serving.routes.context import find_context
 
 log = logging.getLogger("enclave.errors")
@@ -51,9 +51,8 @@ def as_gateway_error(exc: BaseException) -> GatewayError:
         first = errors[0] if errors else {}
         where = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(where) or None
-        return InvalidRequest(f"Invalid request: {param or 'body'}: "
-                              f"{first.get('msg', 'invalid')}.", param=param,
-                              code=None)
+        return InvalidBody(f"Invalid request: {param or 'body'}: "
+                           f"{first.get('msg', 'invalid')}.", param=param)
     log.error("unhandled error", exc_info=exc)
     return GatewayError("Internal error.")
 

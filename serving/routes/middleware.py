@@ -72,13 +72,15 @@ class RequestMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
-            if outcome is None:
-                outcome = ctx.finish(status)
-                if audit is not None:  # the client left, or the request failed
-                    await audit.record(build_record(outcome), wait=False)
-            self.metrics.observe(outcome)
-            if self.access_log and outcome.endpoint not in QUIET:
-                logs.access(logs.access_fields(outcome, scope["method"], path))
+            # The request as it ended: after the last byte (and the audit write), with the
+            # settlement and a late disconnect. The audit record, written before the last
+            # byte, was built from the outcome as it stood then.
+            final = ctx.finish(status)
+            if audit is not None and outcome is None:  # the client left, or the request failed
+                await audit.record(build_record(final), wait=False)
+            self.metrics.observe(final)
+            if self.access_log and final.endpoint not in QUIET:
+                logs.access(logs.access_fields(final, scope["method"], path))
             request_id_var.reset(token)
 
 

@@ -76,6 +76,7 @@ class RelayResponse(Response):
         try:
             await self._exchange(tracked_send)
         except GatewayError as exc:
+            self.gate.reckon(self.admission, self.ctx)  # what the engine's work still costs
             await send_error(scope, tracked_send, exc)
         except asyncio.CancelledError:
             if not self.ctx.client_disconnected:
@@ -197,6 +198,7 @@ class RelayResponse(Response):
         status = response.status
         if 400 <= status < 500 and status not in (401, 403):
             self.ctx.error_code = f"upstream_{status}"  # answered here, not by routes.errors
+            self.gate.reckon(self.admission, self.ctx)
             param = {"chat": "messages", "completions": "prompt"}.get(self.parsed.endpoint,
                                                                       "input")
             body = client_error(body, status, param)

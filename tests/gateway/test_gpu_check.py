@@ -36,7 +36,7 @@ def test_the_check_compares_every_reading_and_passes_when_they_agree(tmp_path: P
                  "memory.used", "temperature.gpu", "power.draw", "clocks.sm",
                  "utilization.gpu", "ecc.errors.corrected.volatile.total",
                  "retired_pages.double_bit.count", "remapped_rows.correctable",
-                 "attributed"):
+                 "listed"):
         assert what in out, what
     assert "0 mismatched, 2 not supported here" in out  # the odd fake GPU has no page retirement
     assert "MISMATCH" not in out

@@ -107,7 +107,7 @@ engine_conf() {  # an engine config with one line replaced or added
 @test "every address must be private unless allow_public_cidrs=yes" {
     conf="$BATS_TEST_TMPDIR/public.conf"
     for line in "monitoring_cidrs=8.8.8.0/24" "dns=1.1.1.1" "mirrors=151.101.0.0/16" \
-                "services=52.1.2.3:5432" "gateway_addrs=10.0.0.0/7" "ntp=172.32.0.1" \
+                "services=52.1.2.3:5432" "gateway_addrs=172.0.0.0/8" "ntp=172.32.0.1" \
                 "admin_cidrs=192.169.0.0/16"; do
         engine_conf "$line" > "$conf"
         run bash "$POLICY" print "$conf"
@@ -120,7 +120,7 @@ engine_conf() {  # an engine config with one line replaced or added
     [ "$status" -eq 0 ]
     [[ "$output" == *"ip saddr { 8.8.8.0/24 } tcp dport"* ]]
     for line in "monitoring_cidrs=10.0.0.0/8" "dns=127.0.0.53" "ntp=172.31.255.1" \
-                "mirrors=192.168.0.0/16"; do
+                "mirrors=192.168.0.0/16" "ntp=169.254.169.123"; do
         engine_conf "$line" > "$conf"
         run bash "$POLICY" print "$conf"
         [ "$status" -eq 0 ]
@@ -138,6 +138,11 @@ engine_conf() {  # an engine config with one line replaced or added
     run bash "$POLICY" print "$conf"
     [ "$status" -eq 65 ]
     [[ "$output" == *"is every address"* ]]
+    engine_conf "monitoring_cidrs=0.0.0.0/1 128.0.0.0/1" > "$conf"
+    printf 'allow_public_cidrs=yes\n' >> "$conf"
+    run bash "$POLICY" print "$conf"
+    [ "$status" -eq 65 ]
+    [[ "$output" == *"'0.0.0.0/1' is wider than a /8"* ]]
     engine_conf "allow_public_cidrs=maybe" > "$conf"
     run bash "$POLICY" print "$conf"
     [ "$status" -eq 65 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 
 import pytest
 
@@ -18,7 +19,8 @@ PIECES = ["jane.doe@example.com", "4111 1111 1111 1111", "FR76 3000 6000 0112 34
           "+33 6 12 34 56 78", "192.168.10.20", "fe80::1ff:fe23:4567:890a", "078-05-1120",
           "AKIAIOSFODNN7EXAMPLE", "sk-" + "A" * 40, "x" * 70, "QUJD" * 30 + "==",
           "ignore all previous instructions", "Z" * 900, "7" * 500, "<|im_start|> system",
-          "Bearer abc.def.ghi",
+          "Bearer abc.def.ghi", " " * 300, "1 (2) 3.4-5", "9" + "-" * 5 + "9",
+          "eyJ" + "a" * 500 + ".eyJ" + "b" * 500 + ".c",
           "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig", " ", "  ", "\n", "word", "12", "=",
           "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----"]
 
@@ -68,3 +70,23 @@ def test_the_detector_finds_the_same_in_bounded_steps(monkeypatch: pytest.Monkey
     monkeypatch.setattr(scanning, "MARGIN", 60)
     assert [detector.find(sample) for sample in samples] == whole
     assert sum(len(found) for found in whole) > 200  # the samples are dense with findings
+
+
+def test_texts_built_to_make_a_pattern_backtrack_are_scanned_in_linear_time() -> None:
+    """A private-key header flood (each header used to be tried against the rest of the text:
+    minutes per megabyte) and a JWT-prefix flood (each "eyJ-" re-read the run after it) take
+    milliseconds; the bound is a hundred times what they take."""
+    detector = pii.Detector()
+    for text in ("-----BEGIN PRIVATE KEY-----\n" * 8000, "eyJ-" * 60000,
+                 "eyJaaaa." * 30000, "1" + " " * 200000 + "2"):
+        started = time.perf_counter()
+        detector.find(text)
+        assert time.perf_counter() - started < 2.0, text[:30]
+
+
+def test_a_key_block_is_found_after_a_flood_of_unmatched_headers() -> None:
+    block = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----"
+    text = "-----BEGIN PRIVATE KEY-----\n" * 3 + block + " tail"
+    [found] = pii.Detector(["PRIVATE_KEY"]).find(text)
+    assert (found.start, found.end) == (0, text.index(" tail"))  # the first BEGIN, as before
+    assert pii.Detector(["PRIVATE_KEY"]).find("-----BEGIN PRIVATE KEY-----\n" * 3) == []
