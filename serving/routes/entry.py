@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.domain.endpoints import QUIET, endpoint_name
 from serving.errors import GatewayBusy, MethodNotAllowed, NotFound
+from serving.routes.context import find_context
 from serving.routes.errors import send_error
 
 _BUSY = "The gateway is at its limit of requests in progress. Retry shortly."
@@ -42,7 +43,8 @@ class Entry:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        endpoint = endpoint_name(path)
+        ctx = find_context(scope)  # the middleware named the endpoint already
+        endpoint = ctx.endpoint if ctx is not None else endpoint_name(path)
         if self.ops_port is not None:
             # The operations listener serves operations only; the API port, no metrics.
             on_ops = on_ops_listener(scope, self.ops_port)

@@ -28,8 +28,9 @@ from tests.support import (
     copy_manifests,
     gateway_settings,
     running_gateway,
+    wait_until,
 )
-from tests.support.tokens import b64url, chat, hs256, models, unverified_claims, wait_until
+from tests.support.tokens import b64url, chat, hs256, models, unverified_claims
 
 # ---------------------------------------------------------------------------------------------
 # 5. an external identity provider

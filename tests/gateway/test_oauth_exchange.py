@@ -4,7 +4,6 @@ publishes, as a caller sees them: real gateways on real servers, no engine."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import jwt
@@ -14,8 +13,8 @@ from tests.support import (
     GatewayServer,
     assert_openai_error,
     cli,
-    engineless_gateway,
     new_key,
+    wait_until,
 )
 from tests.support.tokens import (
     ALL_SCOPES,
@@ -26,26 +25,11 @@ from tests.support.tokens import (
     models,
     token_for,
     unverified_claims,
-    wait_until,
 )
 
-# ---------------------------------------------------------------------------------------------
-# 1. the client-credentials exchange
+# The gateway, the client "app" and its token: tests/gateway/conftest.py.
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    yield from engineless_gateway(tmp_path_factory, "gw-tokens")
-
-
-@pytest.fixture(scope="module")
-def app_secret(gw: GatewayServer) -> str:
-    return client_secret(gw.settings, "app")
-
-
-@pytest.fixture(scope="module")
-def app_token(gw: GatewayServer, app_secret: str) -> str:
-    return token_for(gw, "app", app_secret)
 
 
 def test_form_exchange_gives_a_bearer_token_that_lists_models(gw: GatewayServer,

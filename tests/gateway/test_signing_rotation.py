@@ -21,8 +21,9 @@ from tests.support import (
     cli,
     engineless_gateway,
     new_key,
+    wait_until,
 )
-from tests.support.tokens import client_secret, models, published_kids, token_for, wait_until
+from tests.support.tokens import client_secret, models, published_kids, token_for
 
 # ---------------------------------------------------------------------------------------------
 # 4. signing-key rotation

@@ -4,7 +4,6 @@ the message says why without echoing the token."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -16,35 +15,18 @@ from jwt.algorithms import OKPAlgorithm
 from tests.support import (
     GatewayServer,
     assert_openai_error,
-    engineless_gateway,
 )
 from tests.support.tokens import (
-    client_secret,
     hs256,
     jwks,
     models,
     segment,
-    token_for,
     unverified_claims,
 )
 
-# ---------------------------------------------------------------------------------------------
-# 1. the client-credentials exchange
+# The gateway, the client "app" and its token: tests/gateway/conftest.py.
 
 
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    yield from engineless_gateway(tmp_path_factory, "gw-tokens")
-
-
-@pytest.fixture(scope="module")
-def app_secret(gw: GatewayServer) -> str:
-    return client_secret(gw.settings, "app")
-
-
-@pytest.fixture(scope="module")
-def app_token(gw: GatewayServer, app_secret: str) -> str:
-    return token_for(gw, "app", app_secret)
 
 # ---------------------------------------------------------------------------------------------
 # 3. forged and invalid tokens

@@ -12,7 +12,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -28,6 +28,7 @@ from tests.support import (
     gateway_settings,
     new_key,
     settings_env,
+    wait_until,
 )
 
 pytestmark = pytest.mark.engine
@@ -114,13 +115,6 @@ def _in_flight(gateway: GatewayProcess, admin_key: str) -> int:
     return int(str(engines(gateway, admin_key)[DEPLOYMENT]["in_flight"]))
 
 
-def _wait_for(what: str, condition: Callable[[], bool], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
-        time.sleep(0.1)
-
-
 def _send(gateway: GatewayProcess, api_key: str, body: dict[str, object],
           result: dict[str, object]) -> threading.Thread:
     """``body`` to the chat endpoint from a thread; ``result`` gets the status and the text."""
@@ -145,13 +139,14 @@ def test_a_non_streamed_request_counts_in_flight_while_it_generates(
     result: dict[str, object] = {}
     try:
         sender = _send(gateway, api_key, HELD, result)
-        _wait_for("the request in flight", lambda: _in_flight(gateway, admin_key) == 1)
+        wait_until(lambda: _in_flight(gateway, admin_key) == 1, 60, 0.1,
+                   what="the request in flight")
         assert "status" not in result
     finally:
         relay.release()
     sender.join(timeout=120)
     assert result["status"] == 200, result
-    _wait_for("in flight back to 0", lambda: _in_flight(gateway, admin_key) == 0, 10)
+    wait_until(lambda: _in_flight(gateway, admin_key) == 0, 10, 0.1, what="in flight back to 0")
 
 
 def test_drain_needs_the_admin_scope_and_a_known_deployment(
@@ -173,7 +168,8 @@ def test_patch_dry_run_drains_waits_for_in_flight_and_undrains(
     stream_result: dict[str, object] = {}
     streamer = _send(gateway, api_key, {**HELD, "stream": True}, stream_result)
     try:
-        _wait_for("the stream in flight", lambda: _in_flight(gateway, admin_key) == 1)
+        wait_until(lambda: _in_flight(gateway, admin_key) == 1, 60, 0.1,
+                   what="the stream in flight")
     except AssertionError:
         relay.release()
         raise

@@ -22,6 +22,7 @@ from tests.support.gateway import (
     gateway_settings,
     running_gateway,
     stop_process,
+    wait_until,
     write_policies,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "ENGINE_START_TIMEOUT_S", "REPO", "TEST_PEPPER", "TEST_POLICIES", "Engines",
     "GatewayProcess", "GatewayServer", "LogCapture", "RecordingProxy", "assert_openai_error",
     "bearer", "cli", "copy_manifests", "engineless_gateway", "free_port", "gateway_settings",
-    "new_key", "running_gateway", "settings_env", "stop_process", "write_policies",
+    "new_key", "running_gateway", "settings_env", "stop_process", "wait_until",
+    "write_policies",
 ]

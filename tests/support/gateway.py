@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -317,3 +317,14 @@ def engineless_gateway(tmp_path_factory: pytest.TempPathFactory, name: str,
     with running_gateway(gateway_settings(root, copy_manifests(root / "models"),
                                           **overrides)) as server:
         yield server
+
+
+def wait_until(fn: Callable[[], bool], timeout_s: float, step_s: float = 0.25,
+               what: str = "") -> float:
+    """Poll ``fn`` until it is true; the seconds it took. Fails after ``timeout_s``."""
+    start = time.monotonic()
+    while not fn():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"{what or 'not true'}: not within {timeout_s} s")
+        time.sleep(step_s)
+    return time.monotonic() - start

@@ -7,8 +7,6 @@ import base64
 import hashlib
 import hmac
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -89,15 +87,5 @@ def jwks(gw: GatewayServer) -> dict[str, Any]:
 
 def published_kids(gw: GatewayServer) -> set[str]:
     return {k["kid"] for k in jwks(gw)["keys"]}
-
-
-def wait_until(fn: Callable[[], bool], timeout_s: float, step_s: float = 0.25) -> float:
-    """Poll ``fn`` until it is true; the seconds it took. Fails after ``timeout_s``."""
-    start = time.monotonic()
-    while not fn():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"not true within {timeout_s} s")
-        time.sleep(step_s)
-    return time.monotonic() - start
 
 

@@ -55,6 +55,8 @@ def test_the_traffic_split_is_followed(tmp_path: Path) -> None:
     picks = Counter(route.pick().name for _ in range(4000))  # type: ignore[union-attr]
     share = picks["demo-chat-v2"] / 4000
     assert 0.16 < share < 0.24, picks  # 20 %, well outside chance at this many draws
+    assert {route.pick(exclude={"demo-chat-v1"}).name  # type: ignore[union-attr]
+            for _ in range(20)} == {"demo-chat-v2"}
     route.engines[1].healthy = False
     assert {route.pick().name for _ in range(100)} == {"demo-chat-v1"}  # type: ignore[union-attr]
 
