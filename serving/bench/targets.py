@@ -4,6 +4,7 @@ gateway, and (end to end) a real vLLM engine under the supervisor."""
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import secrets
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,7 @@ CANNED = {
 }
 NGINX_CONF = """
 daemon off;
+user {user};
 worker_processes 1;
 pid {root}/nginx.pid;
 error_log {root}/error.log warn;
@@ -42,8 +45,53 @@ http {{
         }}
         location = /health {{ return 200; }}
     }}
+    server {{
+        listen 127.0.0.1:{stream_port};
+        # nginx serves files to GET only; the 405 a POST gets is redirected to the same
+        # file as a GET.
+        location = /v1/chat/completions {{
+            root {root}/sse;
+            default_type text/event-stream;
+            error_page 405 =200 $uri;
+        }}
+        location = /health {{ return 200; }}
+    }}
 }}
 """
+STREAM_TOKENS = 512
+
+
+def canned_stream(tokens: int = STREAM_TOKENS) -> bytes:
+    """What vLLM sends for a streamed chat completion of ``tokens`` tokens when the gateway
+    asks for usage on every event: a role event, one event per token, a finish event and the
+    usage-only event, then [DONE]."""
+    def event(delta: dict[str, object], n: int, finish: str | None = None) -> bytes:
+        return b"data: " + json.dumps({
+            "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
+            "model": "demo-chat", "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                               "finish_reason": finish}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": n, "total_tokens": 9 + n}},
+            separators=(",", ":")).encode() + b"\n\n"
+    words = ("the", "report", "says", "that", "our", "team", "will", "ship", "it", "soon")
+    parts = [event({"role": "assistant", "content": ""}, 0)]
+    parts += [event({"content": " " + words[i % len(words)]}, i + 1) for i in range(tokens)]
+    parts.append(event({}, tokens, "length"))
+    parts.append(b"data: " + json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0,
+        "model": "demo-chat", "choices": [],
+        "usage": {"prompt_tokens": 9, "completion_tokens": tokens,
+                  "total_tokens": 9 + tokens}}, separators=(",", ":")).encode() + b"\n\n")
+    return b"".join(parts) + b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A process under load: where to send requests, with which key, and its pid (for its
+    CPU time)."""
+    url: str
+    key: str | None
+    pid: int
+
 
 
 def free_port() -> int:
@@ -82,38 +130,62 @@ def process(args: list[str], log: Path, env: dict[str, str] | None = None,
 
 @contextlib.contextmanager
 def nginx(root: Path) -> Iterator[str]:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(binary).exists():
-        raise RuntimeError("nginx is not installed (Debian: apt-get install nginx-light)")
-    port = free_port()
-    (root / "body").mkdir(parents=True, exist_ok=True)
-    conf = root / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(root=root, port=port,
-                                      body=json.dumps(CANNED, separators=(",", ":"))))
-    with process([binary, "-p", str(root), "-c", str(conf)], root / "nginx.log") as proc:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/health", 10, proc)
+    with nginx_pair(root) as (url, _):
         yield url
 
 
 @contextlib.contextmanager
+def nginx_pair(root: Path) -> Iterator[tuple[str, str]]:
+    """nginx answering a canned chat completion on one port and a canned stream of
+    ``STREAM_TOKENS`` tokens on another (the same path: engines are chosen by port)."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("nginx is not installed (Debian: apt-get install nginx-light)")
+    port, stream_port = free_port(), free_port()
+    (root / "body").mkdir(parents=True, exist_ok=True)
+    (root / "sse" / "v1" / "chat").mkdir(parents=True, exist_ok=True)
+    (root / "sse" / "v1" / "chat" / "completions").write_bytes(canned_stream())
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(root=root, port=port, stream_port=stream_port,
+                                      user=getpass.getuser(),
+                                      body=json.dumps(CANNED, separators=(",", ":"))))
+    with process([binary, "-p", str(root), "-c", str(conf)], root / "nginx.log") as proc:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", 10, proc)
+        yield url, f"http://127.0.0.1:{stream_port}"
+
+
+@contextlib.contextmanager
 def bare_proxy(root: Path, upstream: str) -> Iterator[str]:
+    with serve_bare(root, upstream) as target:
+        yield target.url
+
+
+@contextlib.contextmanager
+def serve_bare(root: Path, upstream: str, stream_upstream: str | None = None) -> Iterator[Target]:
+    """The bare proxy; requests for the model ``demo-stream`` go to ``stream_upstream``."""
     port = free_port()
     args = [sys.executable, "-m", "uvicorn", "serving.bench.bare_proxy:app", "--host",
             "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools",
             "--no-access-log", "--log-level", "warning"]
-    with process(args, root / "bare.log", env={**os.environ, "BARE_UPSTREAM": upstream}) as proc:
+    env = {**os.environ, "BARE_UPSTREAM": upstream,
+           "BARE_STREAM_UPSTREAM": stream_upstream or upstream}
+    with process(args, root / "bare.log", env=env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/docs", 20, proc)
-        yield url
+        yield Target(url, None, proc.pid)
 
 
-def bench_models(root: Path, ports: dict[str, int], models_dir: Path) -> Path:
-    """Copies of the manifests with engines moved to the given ports (only those models)."""
+def bench_models(root: Path, ports: dict[str, int], models_dir: Path,
+                 aliases: dict[str, tuple[str, int]] | None = None) -> Path:
+    """Copies of the manifests with engines moved to the given ports (only those models);
+    ``aliases``: more models, each a copy of an existing manifest under another name."""
     out = root / "models"
     out.mkdir(parents=True, exist_ok=True)
-    for name, port in ports.items():
-        data = yaml.safe_load((models_dir / f"{name}.yaml").read_text())
+    wanted = {name: (name, port) for name, port in ports.items()} | (aliases or {})
+    for name, (source, port) in wanted.items():
+        data = yaml.safe_load((models_dir / f"{source}.yaml").read_text())
+        data["name"] = name
         for version in data["versions"]:
             version["engine"]["port"] = port
         (out / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -126,7 +198,7 @@ BENCH_POLICIES = """
 version: 1
 policies:
   bench:
-    models: [demo-chat]
+    models: [demo-chat, demo-stream]
     scopes: [chat, models]
     caps: {max_tokens: 1024, n: 1, body_bytes: 65536, messages: 64}
     limits: {requests_per_minute: 100000000, tokens_per_minute: 1000000000, concurrent: 100000}
@@ -141,6 +213,16 @@ PROTECTED_POLICIES = BENCH_POLICIES + """\
       injection: {mode: flag}
       tools: {mode: block, allowed: {get_weather: {}}}
 """
+# Every guard the gateway has, the audit keeping the full text encrypted (AES-256-GCM).
+EVERY_GUARD_POLICIES = PROTECTED_POLICIES.replace("content: redacted", "content: encrypted")
+# Authentication and the model allowlist only: what any gateway does.
+AUTH_ONLY_POLICIES = """
+version: 1
+policies:
+  bench:
+    models: [demo-chat, demo-stream]
+    scopes: [chat, models]
+"""
 
 
 @contextlib.contextmanager
@@ -149,6 +231,15 @@ def gateway(root: Path, models: Path, database_url: str | None = None,
             policies: str = BENCH_POLICIES) -> Iterator[tuple[str, str]]:
     """The real gateway (auth, policy, rate limits, budget ledger, metrics, JSON access log
     to a file), and a key for it."""
+    with serve_gateway(root, models, database_url, redis_url, policies) as target:
+        yield target.url, target.key or ""
+
+
+@contextlib.contextmanager
+def serve_gateway(root: Path, models: Path, database_url: str | None = None,
+                  redis_url: str | None = None, policies: str = BENCH_POLICIES,
+                  workers: int = 1) -> Iterator[Target]:
+    """The gateway as a ``Target`` (with an audit content key, for encrypted audit)."""
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     (root / "policies.yaml").write_text(policies)
@@ -164,10 +255,12 @@ def gateway(root: Path, models: Path, database_url: str | None = None,
                    check=True, capture_output=True, text=True)
     key = subprocess.run([*enclave, "keys", "create", "--client", "bench"], env=env,
                          check=True, capture_output=True, text=True).stdout.strip()
-    with process([*enclave, "gateway"], root / "gateway.log", env=env) as proc:
+    subprocess.run([*enclave, "audit", "keygen"], env=env, check=True, capture_output=True)
+    args = [*enclave, "gateway"] + (["--workers", str(workers)] if workers > 1 else [])
+    with process(args, root / "gateway.log", env=env) as proc:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/readyz", 30, proc)
-        yield url, key
+        yield Target(url, key, proc.pid)
 
 
 @contextlib.contextmanager

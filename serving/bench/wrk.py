@@ -19,6 +19,7 @@ _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 
 @dataclass
 class Result:
+    requests: int
     rps: float
     p50_ms: float
     p99_ms: float
@@ -33,6 +34,7 @@ def _ms(text: str) -> float:
 
 
 def parse(out: str) -> Result:
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -42,7 +44,7 @@ def parse(out: str) -> Result:
         m = re.search(pattern, out)
         if m:
             errors += sum(int(g) for g in m.groups())
-    return Result(rps, p50, p99, errors)
+    return Result(requests, rps, p50, p99, errors)
 
 
 def run(url: str, body: str, connections: int, seconds: float, key: str | None = None,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from serving.bench import protection, run
+from serving.bench import matrix, protection, run
 from serving.cli.common import console, fail, load_settings, stdout
 
 
@@ -48,15 +48,38 @@ def _ratios(proxy: list[run.Cell]) -> list[str]:
               help="Also measure a gateway on PostgreSQL + Redis (Debian packages).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the results as JSON.")
+@click.option("--matrix", "matrix_", is_flag=True, help="The cost matrix instead: prompt sizes x "
+              "density x streamed or not x concurrency, bare proxy vs auth only vs every "
+              "guard, with CPU per request and per KB.")
+@click.option("--size", "sizes", multiple=True, type=float, default=matrix.SIZES_KB,
+              show_default=True, help="Matrix: prompt sizes in KB.")
+@click.option("--streams", type=click.Choice(["both", "no", "only"]), default="both",
+              show_default=True, help="Matrix: non-streamed answers, streamed, or both.")
+@click.option("--workers", default=1, show_default=True,
+              help="Matrix: also measure an every-guard gateway with this many workers.")
 def bench(seconds: float, rounds: int, concurrencies: tuple[int, ...], e2e: bool,
-          e2e_concurrency: int, shared_state: bool, json_out: Path | None) -> None:
-    """Gateway vs bare FastAPI proxy vs upstream, and gateway vs vLLM direct, in one run."""
+          e2e_concurrency: int, shared_state: bool, json_out: Path | None, matrix_: bool,
+          sizes: tuple[float, ...], streams: str, workers: int) -> None:
+    """Gateway vs bare FastAPI proxy vs upstream, and gateway vs vLLM direct, in one run;
+    or (--matrix) what the gateway costs as prompts grow."""
     if shutil.which("wrk") is None:
         fail("wrk is not installed (Debian: apt-get install wrk nginx-light)")
     settings = load_settings()
 
     def say(msg: str) -> None:
         console.print(f"[dim]{msg}[/]")
+
+    if matrix_:
+        modes = {"both": (False, True), "no": (False,), "only": (True,)}[streams]
+        with matrix.running_targets(settings.models_dir, workers) as found:
+            cells = matrix.measure(found, matrix.cases(tuple(sizes), modes),
+                                   list(concurrencies), seconds, rounds, say)
+        _print_matrix(cells, list(found))
+        if json_out is not None:
+            json_out.write_text(json.dumps({"matrix": matrix.to_json(cells),
+                                            "summary": _matrix_summary(cells)},
+                                           indent=2) + "\n")
+        return
 
     proxy = run.proxy_overhead(seconds, rounds, list(concurrencies), settings.models_dir, say,
                                shared_state)
@@ -76,6 +99,53 @@ def bench(seconds: float, rounds: int, concurrencies: tuple[int, ...], e2e: bool
         json_out.write_text(json.dumps({"proxy": run.to_json(proxy),
                                         "e2e": run.to_json(e2e_cells),
                                         "summary": lines}, indent=2) + "\n")
+
+
+def _print_matrix(cells: list[matrix.Cell], names: list[str]) -> None:
+    bare = names[0]
+    table = Table("prompt", "c", *[f"{n} req/s" for n in names],
+                  *[f"{n} / bare" for n in names[1:]], *[f"{n} CPU us/req" for n in names],
+                  title="The cost matrix (nginx answers; medians of interleaved rounds)")
+    by = {(x.case, x.concurrency, x.target): x for x in cells}
+    for case in dict.fromkeys(x.case for x in cells):
+        for c in sorted({x.concurrency for x in cells}):
+            row = [by[(case, c, n)] for n in names]
+            ratios = [matrix.ratio(cells, case, c, n, bare) for n in names[1:]]
+            table.add_row(case, str(c), *[f"{x.rps:,.0f}" for x in row],
+                          *[f"{r:.2f}x" if r is not None else "-" for r in ratios],
+                          *[f"{x.cpu_us_per_request:,.0f}" for x in row])
+    stdout.print(table)
+    for line in _matrix_summary(cells):
+        stdout.print(line)
+
+
+def _matrix_summary(cells: list[matrix.Cell]) -> list[str]:
+    """The issue's targets, each with its figure and whether it is met."""
+    guard, bare = matrix.TARGETS[2], matrix.TARGETS[0]
+    lines = []
+    for case, least in matrix.RATIO_TARGETS:
+        r = matrix.ratio(cells, case, 16, guard, bare)
+        if r is not None:
+            lines.append(f"every guard / bare proxy, {case}, c=16: {r:.2f}x "
+                         f"(target >= {least}x: {'met' if r >= least else 'MISSED'})")
+    for dense, most in matrix.PER_KB_TARGETS.items():
+        kind = "dense" if dense else "plain"
+        for target in matrix.TARGETS:
+            slope = matrix.per_kb(cells, target, dense)
+            if slope is None:
+                continue
+            verdict = (f" (target <= {most:.0f}: {'met' if slope <= most else 'MISSED'})"
+                       if target == guard else "")
+            lines.append(f"CPU per extra KB of prompt, {kind}, {target}: {slope:.1f} us"
+                         + verdict)
+    for target in matrix.TARGETS:
+        chunk = matrix.per_chunk(cells, target)
+        if chunk is not None:
+            verdict = (f" (target <= {matrix.PER_CHUNK_TARGET:.0f}: "
+                       f"{'met' if chunk <= matrix.PER_CHUNK_TARGET else 'MISSED'})"
+                       if target == guard else "")
+            lines.append(f"CPU per streamed event, {target}: {chunk:.1f} us" + verdict)
+    return lines
 
 
 @click.command("bench-protection")
