@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import hyperscan
 import orjson
 
 from serving.contract import ChatRequest, CompletionRequest
@@ -23,7 +24,7 @@ from serving.contract.chat import INSTRUCTION_ROLES
 from serving.contract.common import NamedToolChoice
 from serving.contract.walk import Slot
 from serving.domain.policy import Caps, ToolGuard
-from serving.protection import scanning
+from serving.protection import prefilter, scanning
 
 # Each signal is one family of attack, with its weight; scores combine as independent
 # evidence: 1 - prod(1 - w). One pattern per family, matched case-insensitively. Every
@@ -55,10 +56,15 @@ _PATTERN = re.compile("|".join(f"(?P<{name}>{regex})" for name, (_, regex) in _S
                       re.IGNORECASE | re.MULTILINE | re.DOTALL)
 _ENCODED = re.compile(r"[A-Za-z0-9+/]{40,}={0,2}")
 _ENCODED_WEIGHT = 0.3  # a base64 blob that decodes to text; more when the text is an attack
-_HINTS = ("ignore", "disregard", "forget", "override", "bypass", "reveal", "repeat", "prompt",
-          "instruction", "pretend", "dan", "developer", "jailbreak", "restriction", "filter",
-          "system", "inst]", "<<sys", "<|", "act as", "you are no longer", "new instructions",
-          "from now on")
+# One Hyperscan pass says whether any signal, or a base64 run, could be in a text: each signal
+# compiled in prefilter mode (a superset of what ``re`` matches), so the ``re`` scan runs only
+# on texts where it may find something, and finds exactly what it would have found anyway.
+_FLAGS = (hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH
+          | hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_DOTALL | hyperscan.HS_FLAG_MULTILINE)
+_SCANNER = prefilter.Scanner(
+    [prefilter.Anchor("signal", regex.encode(), 0, _FLAGS) for _, regex in _SIGNALS.values()]
+    + [prefilter.Anchor("encoded", rb"[A-Za-z0-9+/]{40}", 0, hyperscan.HS_FLAG_SINGLEMATCH)],
+    fold=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +84,13 @@ def injection_score(texts: Iterable[str]) -> InjectionScore:
 
 
 def _score_text(text: str, found: dict[str, float], depth: int) -> None:
-    lowered = text.lower()
-    if any(hint in lowered for hint in _HINTS):
+    maybe = _SCANNER.ends(text)
+    if "signal" in maybe:
         for match in scanning.finditer(_PATTERN, text):
             name = match.lastgroup
             if name is not None:
                 found[name] = _SIGNALS[name][0]
-    if depth == 0 and len(text) >= 40:
+    if depth == 0 and "encoded" in maybe:
         for match in scanning.finditer(_ENCODED, text):
             decoded = _decoded_text(match.group())
             if decoded is None:
