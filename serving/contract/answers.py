@@ -32,20 +32,19 @@ def strings(node: Any, skip: frozenset[str] = frozenset()) -> Iterator[tuple[Any
     in ``NOT_TEXT`` are passed over whole; string members named in ``skip`` are passed over
     (what they hold below, when not a string, is not)."""
     stack: list[Any] = [node]
+    pop, push = stack.pop, stack.append
     while stack:
-        item = stack.pop()
+        item = pop()
         if isinstance(item, dict):
             for key, value in item.items():
-                if key in NOT_TEXT:
-                    continue
                 if isinstance(value, str):
-                    if key not in skip:
+                    if key not in skip and key not in NOT_TEXT:
                         yield item, key
-                elif isinstance(value, dict | list):
-                    stack.append(value)
+                elif isinstance(value, dict | list) and key not in NOT_TEXT:
+                    push(value)
         elif isinstance(item, list):
             for i, value in enumerate(item):
                 if isinstance(value, str):
                     yield item, i
                 elif isinstance(value, dict | list):
-                    stack.append(value)
+                    push(value)

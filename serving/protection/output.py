@@ -54,7 +54,8 @@ class OutputFilter:
         return self._redact or self._tools.mode != "off"
 
     def _check_tools(self, message: dict[str, Any]) -> None:
-        if self._tools.mode == "off":
+        if self._tools.mode == "off" or (
+                "tool_calls" not in message and "function_call" not in message):
             return
         refused = sorted({n for n in guards.called_tools(message) if n not in self._tools.allowed})
         if not refused:

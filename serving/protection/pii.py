@@ -58,9 +58,11 @@ class _Rule:
     stepped: bool = True
     finder: Callable[[str], Iterator[re.Match[str]]] | None = None  # instead of the pattern
     # Instead of the trigger: the ``prefilter`` anchor every match contains, ending at most
-    # ``before`` characters after the match's start. The pattern then runs only around it.
+    # ``before`` characters after the match's start; the pattern's bounded part ends at most
+    # ``after`` characters past the anchor. The pattern then runs only around it.
     anchor: bytes | None = None
     before: int = 0
+    after: int = 0
     trigger: Callable[[str], bool] | None = None  # else: a cheap test that it may match
 
 
@@ -176,19 +178,20 @@ _RULES: tuple[_Rule, ...] = (
         r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
         trigger=_has("eyJ"), stepped=False),
     _Rule("BEARER_TOKEN", re.compile(r"(?i)\bbearer\s{1,64}([A-Za-z0-9._~+/-]{16,}=*)"),
-          group=1, anchor=rb"(?i)bearer" + _SPACE_ANCHOR, before=7),
+          group=1, anchor=rb"(?i)bearer" + _SPACE_ANCHOR, before=7, after=80),
     _Rule("AWS_ACCESS_KEY", re.compile(
         r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA)[A-Z2-7]{16}\b"),
-        anchor=rb"AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA", before=4),
+        anchor=rb"AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA", before=4,
+        after=17),
     _Rule("API_KEY", re.compile(
         r"\b(?:AIza[0-9A-Za-z_-]{35}|gh[pousr]_[A-Za-z0-9]{36,255}|xox[abprs]-[A-Za-z0-9-]{10,}"
         r"|sk-[A-Za-z0-9_-]{20,}|glpat-[A-Za-z0-9_-]{20,})"),
-        anchor=rb"AIza|gh[pousr]_|xox[abprs]-|sk-|glpat-", before=6),
+        anchor=rb"AIza|gh[pousr]_|xox[abprs]-|sk-|glpat-", before=6, after=36),
     _Rule("EMAIL", re.compile(
         r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}"),
-        anchor=rb"@", before=65),
+        anchor=rb"@", before=65, after=66),
     _Rule("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"),
-          anchor=rb"[A-Z]{2}" + _DIGIT_ANCHOR + rb"{2}", before=4),
+          anchor=rb"[A-Z]{2}" + _DIGIT_ANCHOR + rb"{2}", before=4, after=61),
     _Rule("CREDIT_CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])"), _card,
           numeric=True),
     _Rule("FR_NIR", re.compile(
@@ -204,11 +207,13 @@ _RULES: tuple[_Rule, ...] = (
           numeric=True),
     _Rule("IP_ADDRESS", re.compile(
         r"(?<![\w.:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:]|\.\w)"),
-        validate=_ip, anchor=rb"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:", before=10),
+        validate=_ip, anchor=rb"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:", before=10,
+        after=30),
     # A match starts where a run of token characters starts (the lookbehind).
     _Rule("SECRET_TOKEN", re.compile(
         r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{32,}={0,2}(?![A-Za-z0-9+/_=-])"),
-        validate=_high_entropy, anchor=rb"(?:^|[^A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{32}", before=32),
+        validate=_high_entropy, anchor=rb"(?:^|[^A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{32}", before=32,
+        after=2),
 )
 # Every ``_NUMERIC`` match starts at a digit not preceded by one (greedy, and a later start in
 # the same run would have matched from the earlier digit too), with three more digits in its
@@ -273,16 +278,19 @@ class Detector:
             raise ValueError(f"unknown type(s): {', '.join(sorted(unknown))}")
         self.types = wanted
         self._rules = tuple((i, r) for i, r in enumerate(_RULES) if r.type in wanted)
+        self._triggers = tuple(r.trigger for _, r in self._rules if r.trigger is not None)
 
     def find(self, text: str, deadline: float | None = None) -> list[Finding]:
         """Non-overlapping findings, in order of position. Where two rules match overlapping
         spans, the earlier rule keeps its span."""
         if len(text) < MIN_FINDING:
             return []
+        anchors = _SCANNER.ends(text)
+        if not anchors and not any(trigger(text) for trigger in self._triggers):
+            return []  # the common case: nothing any rule could match
         starts: list[int] = []  # claimed spans, sorted and disjoint
         ends: list[int] = []
         kinds: list[str] = []
-        anchors = _SCANNER.ends(text)
         windows: list[tuple[int, int]] | None = None
         seen = 0
         for index, rule in self._rules:
@@ -293,7 +301,7 @@ class Detector:
                 if windows is None:
                     # A leading "+" or "(" belongs to a phone number.
                     windows = [(max(m.start() - 1, 0), m.end()) for m in prefilter.near(
-                        _NUMERIC, text, anchors.get("NUMERIC", []), 16, deadline=deadline)]
+                        _NUMERIC, text, anchors.get("NUMERIC", []), 16, 3, deadline)]
                 matches = (m for start, end in windows
                            for m in rule.pattern.finditer(text, start, end))
             elif rule.anchor is not None:
@@ -301,7 +309,7 @@ class Detector:
                 if anchored is None:
                     continue
                 matches = prefilter.near(rule.pattern, text, anchored, rule.before,
-                                         deadline=deadline)
+                                         rule.after, deadline)
             elif rule.trigger is not None and rule.trigger(text):
                 if rule.finder is not None:
                     matches = rule.finder(text)

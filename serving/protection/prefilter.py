@@ -33,9 +33,10 @@ import hyperscan
 
 from serving.protection.scanning import ScanTooLong
 
-# A match ending this close to its window's end may have been cut short (or judged by a
-# lookahead that saw the window's end): it is taken again from the whole text.
-MARGIN = 64
+# A match ending this close to its window's end may have been cut short, or judged by a
+# lookahead or ``\\b`` that saw the window's end (the patterns look at most 2 characters
+# ahead): it is taken again from the whole text, from the same start.
+MARGIN = 8
 
 
 OTHER, DIGIT, SPACE = b"\x80", b"\x81", b"\x82"
@@ -121,11 +122,13 @@ class Scanner:
         return out
 
 
-def near(pattern: re.Pattern[str], text: str, ends: list[int], before: int, after: int = 256,
+def near(pattern: re.Pattern[str], text: str, ends: list[int], before: int, after: int,
          deadline: float | None = None) -> Iterator[re.Match[str]]:
     """Exactly ``pattern.finditer(text)``, given that every match contains an anchor ending at
-    one of ``ends`` (ascending) at most ``before`` characters after the match's start. Searches
-    only the windows from ``before`` characters ahead of each anchor's end to ``after`` behind
+    one of ``ends`` (ascending) at most ``before`` characters after the match's start, and
+    that the text cut ``after`` characters past an anchor's end still matches from the same
+    start (the pattern's bounded part fits; an unbounded run is cut short). Searches only the
+    windows from ``before`` characters ahead of each anchor's end to ``after + MARGIN`` behind
     it (overlapping windows merged); ``re`` lets a lookbehind see before a window. A match that
     ends within ``MARGIN`` of a window's end is taken again from the whole text."""
     n = len(text)
@@ -134,11 +137,12 @@ def near(pattern: re.Pattern[str], text: str, ends: list[int], before: int, afte
     while i < len(ends):
         if deadline is not None and time.monotonic() > deadline:
             raise ScanTooLong
+        reach = after + MARGIN
         start = max(ends[i] - before, pos)
-        stop = min(ends[i] + after, n)
+        stop = min(ends[i] + reach, n)
         i += 1
         while i < len(ends) and ends[i] - before <= stop:
-            stop = min(ends[i] + after, n)
+            stop = min(ends[i] + reach, n)
             i += 1
         at = start
         while at < stop:

@@ -45,7 +45,8 @@ def test_searching_near_anchors_finds_what_one_scan_finds(index: int, rule: pii.
     for seed in range(60):
         sample = text(seed, 200 + seed * 97)
         anchors = pii._SCANNER.ends(sample).get(str(index), [])
-        found = [m.span() for m in prefilter.near(rule.pattern, sample, anchors, rule.before)]
+        found = [m.span() for m in prefilter.near(rule.pattern, sample, anchors, rule.before,
+                                                 rule.after)]
         assert found == [m.span() for m in rule.pattern.finditer(sample)], seed
 
 
@@ -53,7 +54,7 @@ def test_numeric_runs_are_found_as_one_scan_finds_them() -> None:
     for seed in range(60):
         sample = text(seed, 200 + seed * 97)
         anchors = pii._SCANNER.ends(sample).get("NUMERIC", [])
-        found = [m.span() for m in prefilter.near(pii._NUMERIC, sample, anchors, 16)]
+        found = [m.span() for m in prefilter.near(pii._NUMERIC, sample, anchors, 16, 3)]
         assert found == [m.span() for m in pii._NUMERIC.finditer(sample)], seed
 
 
