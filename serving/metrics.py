@@ -3,17 +3,48 @@
 Labels carry only bounded values: the route template, a manifest's model name (or ``unknown``),
 the status code, a client name (clients are created by operators, not by callers). Never a
 key, a client secret or request text.
+
+Several worker processes (``enclave gateway --workers N``) share one set of metrics through
+prometheus_client's multiprocess mode: each worker writes its values to files in one directory
+(``share_between_processes``, before any metric is made) and a scrape of any worker sums them
+(gauges: in-flight and audit queue summed over live workers, engine state the latest seen).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 
 from serving.domain.endpoints import QUIET
 from serving.domain.outcome import Outcome
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_processes(directory: Path) -> None:
+    """This process's metrics go to ``directory``, summed with the other workers' on scrape."""
+    os.environ[_DIR_ENV] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def process_exited(pid: int) -> None:
+    """A worker is gone: its live gauges no longer count."""
+    if os.environ.get(_DIR_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 class GatewayMetrics:
@@ -34,13 +65,14 @@ class GatewayMetrics:
         self.completion_tokens = Counter(
             "enclave_completion_tokens", "Completion tokens generated.", ["model"], registry=r)
         self.in_flight = Gauge(
-            "enclave_requests_in_flight", "Requests being served now.", registry=r)
+            "enclave_requests_in_flight", "Requests being served now.", registry=r,
+            multiprocess_mode="livesum")
         self.engine_up = Gauge(
             "enclave_engine_up", "1 when the engine answers /health.", ["model", "deployment"],
-            registry=r)
+            registry=r, multiprocess_mode="livemostrecent")
         self.engine_draining = Gauge(
             "enclave_engine_draining", "1 while an operator drains the engine (no new requests).",
-            ["model", "deployment"], registry=r)
+            ["model", "deployment"], registry=r, multiprocess_mode="livemostrecent")
         self.rejections = Counter(
             "enclave_rejections", "Requests refused by a client's policy, by reason: scope, "
             "model, no_policy, rate_requests, rate_tokens, concurrency, budget_day, "
@@ -59,10 +91,20 @@ class GatewayMetrics:
             "enclave_audit_write_failures", "Audit batches that could not be written.",
             registry=r)
         self.audit_queue = Gauge(
-            "enclave_audit_queue", "Audit records waiting to be written.", registry=r)
+            "enclave_audit_queue", "Audit records waiting to be written.", registry=r,
+            multiprocess_mode="livesum")
         self.client_disconnects = Counter(
             "enclave_client_disconnects", "Requests the client abandoned before the end.",
             ["endpoint", "model"], registry=r)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's metrics, or every worker's summed."""
+        directory = os.environ.get(_DIR_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
 
     def observe(self, outcome: Outcome) -> None:
         """A request's metrics, from its outcome (the probes are not counted)."""

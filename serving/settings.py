@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     exporter_port: int = Field(
         9400, ge=0, le=65535, description="`enclave up` starts the GPU exporter on this "
         "loopback port (DCGM's); 0: not started")
+    worker: int | None = Field(
+        None, ge=0, description="Set by `enclave gateway --workers N` for each worker process "
+        "(its audit chain and metrics are its own); not set by hand")
     log_level: str = "INFO"
     access_log: bool = True
 
@@ -192,8 +195,10 @@ class Settings(BaseSettings):
     @property
     def audit_chain_dir(self) -> Path:
         """This gateway's own chain: gateways sharing a data directory (several processes,
-        one host) each write their own, named by host and port, continued across restarts."""
-        return self.resolved_audit_dir / f"{socket.gethostname()}-{self.port}"
+        one host) each write their own, named by host and port (and worker), continued across
+        restarts."""
+        worker = f"-w{self.worker}" if self.worker is not None else ""
+        return self.resolved_audit_dir / f"{socket.gethostname()}-{self.port}{worker}"
 
     @property
     def resolved_audit_keys_dir(self) -> Path:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from serving.bench import cpu, targets, wrk
+from serving.bench import cpu, stores, targets, wrk
 
 # Sentences of ordinary business prose, none holding personal data.
 _PROSE = (
@@ -138,9 +138,15 @@ def running_targets(models_dir: Path, workers: int = 1) -> Iterator[dict[str, ta
                 root / "gw-guarded", models, policies=targets.EVERY_GUARD_POLICIES)),
         }
         if workers > 1:
-            found[f"every guard, {workers} workers"] = stack.enter_context(
-                targets.serve_gateway(root / "gw-workers", models,
-                                      policies=targets.EVERY_GUARD_POLICIES, workers=workers))
+            # Workers share rate limits through Redis; the one-worker gateway beside them
+            # does too, so that the two differ only in their number of processes.
+            redis = stores.RedisServer(root / "redis").start()
+            stack.callback(redis.stop)
+            for n in (1, workers):
+                found[f"every guard + Redis, {n} worker{'s' if n > 1 else ''}"] = \
+                    stack.enter_context(targets.serve_gateway(
+                        root / f"gw-redis-{n}", models, redis_url=redis.url,
+                        policies=targets.EVERY_GUARD_POLICIES, workers=n))
         yield found
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable, Iterator
 
 import uvicorn
@@ -31,7 +32,9 @@ def gateway_server(app: FastAPI, settings: Settings) -> uvicorn.Server:
 
 
 async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | None,
-              on_ready: Callable[[], None] | None = None, ready_timeout_s: float = 900) -> int:
+              on_ready: Callable[[], None] | None = None, ready_timeout_s: float = 900,
+              sockets: list[socket.socket] | None = None) -> int:
+    """``sockets``: listeners already bound (a worker's, inherited); else bound here."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -43,7 +46,7 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
     tasks: list[asyncio.Task[object]] = []
     if gateway is not None:
         try:
-            sockets = server.listeners(settings)
+            sockets = sockets or server.listeners(settings)
         except OSError as exc:
             log.error("cannot listen", extra={"error": str(exc)})
             if supervisor is not None:

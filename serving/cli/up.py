@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import socket
+from pathlib import Path
 
 import click
 import uvloop
@@ -14,10 +17,12 @@ from serving.cli import serve
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
 from serving.cli.models import build_demo_model, ensure_engine_env
 from serving.cli.sidecar import ExporterProcess
+from serving.cli.workers import FDS_ENV, supervise
 from serving.contract.completeness import gaps
 from serving.domain.manifest import ManifestError
 from serving.engines.sources import resolve_model_dir, vllm_fields
 from serving.engines.supervisor import Supervisor, WeightsError, state_file
+from serving.metrics import share_between_processes
 from serving.settings import Settings
 from serving.storage.manifests import load_manifests
 
@@ -131,12 +136,26 @@ def up(host: str | None, port: int | None) -> None:
 @click.command()
 @click.option("--host", default=None)
 @click.option("--port", type=int, default=None)
-def gateway(host: str | None, port: int | None) -> None:
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Gateway processes on the one port (needs ENCLAVE_REDIS_URL above 1, so "
+              "that rate limits and concurrency caps stay exact).")
+def gateway(host: str | None, port: int | None, workers: int) -> None:
     """Run the gateway only (engines are supervised elsewhere)."""
     settings = load_settings(host=host, port=port)
     logs.configure(settings.log_level)
+    if workers > 1:
+        if not settings.redis_url:
+            fail("--workers above 1 needs ENCLAVE_REDIS_URL: each worker would otherwise count "
+                 "rate limits and concurrency caps on its own, letting a client through N "
+                 "times its limit")
+        raise SystemExit(supervise(settings, workers))
+    inherited = os.environ.get(FDS_ENV)
+    sockets = None
+    if inherited:  # a worker of `enclave gateway --workers N`
+        sockets = [socket.socket(fileno=int(fd)) for fd in inherited.split(",")]
+        share_between_processes(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
     app = _gateway(settings)
-    raise SystemExit(uvloop.run(serve.run(settings, app, None)))
+    raise SystemExit(uvloop.run(serve.run(settings, app, None, sockets=sockets)))
 
 
 @click.group()

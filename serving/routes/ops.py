@@ -10,7 +10,7 @@ With an operations listener configured (``ENCLAVE_OPS_PORT``), ``/metrics`` and 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.routes.deps import Pool, services
 from serving.routes.entry import on_ops_listener
@@ -50,4 +50,4 @@ async def metrics(request: Request, pool: Pool) -> Response:
         m.engine_up.labels(engine.deployment.model, engine.name).set(1 if engine.healthy else 0)
         m.engine_draining.labels(engine.deployment.model, engine.name).set(
             1 if engine.draining else 0)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)

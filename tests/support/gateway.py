@@ -170,8 +170,10 @@ class GatewayProcess:
     """`enclave gateway` as its own process (what an operator runs), for tests that need
     several gateways or a kill -9."""
 
-    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path,
+                 workers: int = 1) -> None:
         self.settings = settings
+        self.workers = workers
         self.port = free_port()
         self.env = {**env, "ENCLAVE_PORT": str(self.port)}
         self.log_path = log_path
@@ -184,7 +186,8 @@ class GatewayProcess:
     def start(self) -> GatewayProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "serving.cli.main", "gateway"], env=self.env,
+                [sys.executable, "-m", "serving.cli.main", "gateway",
+                 "--workers", str(self.workers)], env=self.env,
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
