@@ -39,6 +39,11 @@ def _timestamp(created: float, msecs: float) -> str:
     return f"{_ts_cache[1]}.{int(msecs):03d}Z"
 
 
+def iso_timestamp(ts: float) -> str:
+    """UTC to the millisecond (``2026-12-06T02:45:19.049Z``), the second's text cached."""
+    return _timestamp(ts, (ts - int(ts)) * 1000)
+
+
 def _entry(ts: str, level: str, logger: str, msg: str) -> dict[str, Any]:
     """The head of every line, with the request id when logged while serving a request."""
     entry: dict[str, Any] = {"ts": ts, "level": level, "logger": logger, "msg": msg}

@@ -30,6 +30,7 @@ import orjson
 
 from serving.domain.endpoints import INFERENCE
 from serving.domain.outcome import Outcome
+from serving.logs import iso_timestamp
 from serving.metrics import GatewayMetrics
 from serving.settings import Settings
 from serving.storage.audit_chain import AuditLog
@@ -45,15 +46,11 @@ _RETRY_S = 1.0
 _PURGE_EVERY_S = 3600.0
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
 def build_record(outcome: Outcome) -> dict[str, Any]:
     """The record of one request: identifiers, counts and decisions; content per policy."""
     o = outcome
     record: dict[str, Any] = {
-        "ts": _iso(o.wall_time),
+        "ts": iso_timestamp(o.wall_time),
         "request_id": o.request_id,
         "trace_id": o.trace_id,
         "client": o.client_id,

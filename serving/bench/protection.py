@@ -95,7 +95,7 @@ def inprocess(seconds: float = 1.0) -> dict[str, float]:
 
     def stream(filtered: bool) -> None:
         flt = protector.output_filter(policy, None) if filtered else None
-        acct = StreamAccountant(True, "drop", flt.event if flt is not None else None)
+        acct = StreamAccountant(True, "drop", flt.events if flt is not None else None)
         for event in events:
             acct.feed(event)
 

@@ -19,6 +19,9 @@ from serving.protection.redaction import Redactor, StreamRedactor
 
 # A guard decision for the metrics: (guard, action, type, count).
 Count = Callable[[str, str, str, int], None]
+# Per streamed field (choice, field, tool-call index): where its new text sits in this read's
+# events (event, container, key), in order.
+_Grown = dict[tuple[int, str, int], list[tuple[int, dict[str, Any], str]]]
 
 
 class ToolCallRefused(GatewayError):
@@ -101,60 +104,94 @@ class OutputFilter:
 
     def event(self, payload: dict[str, Any]) -> bool:
         """A decoded stream event; True when it was changed. Raises ``ToolCallRefused``."""
-        changed = False
-        for choice in payload.get("choices") or ():
-            if not isinstance(choice, dict):
-                continue
-            index = choice.get("index", 0)
-            if not isinstance(index, int):
-                index = 0
-            final = choice.get("finish_reason") is not None
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                self._check_tools(delta)
-                for key in answers.STREAMED_DELTA:
-                    changed |= self._grow(delta, key, (index, key, 0), final)
-                for call in delta.get("tool_calls") or ():
-                    function = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(function, dict):
-                        at = call.get("index", 0)
-                        changed |= self._grow(function, "arguments",
-                                              (index, "arguments",
-                                               at if isinstance(at, int) else 0), False)
-            for key in answers.STREAMED_CHOICE:
-                changed |= self._grow(choice, key, (index, key, 0), final)
-            if final:
-                changed |= self._flush_choice(choice, index)
-        # Every other string of the event, within the event.
-        for place, key in list(answers.strings(payload, answers.STREAMED_NAMES)):
-            text = place[key]
-            out = self._whole(text)
-            if out != text:
-                place[key] = out
-                changed = True
+        return self.events([payload])[0]
+
+    def events(self, payloads: list[dict[str, Any]]) -> list[bool]:
+        """Decoded stream events that arrived together (one read from the engine), in order,
+        edited in place; for each, True when it was changed. Raises ``ToolCallRefused``.
+
+        What the growing fields gained across these events is redacted in one pass (the
+        events go out in one write anyway), and what that releases goes out in the last of
+        them that carries the field: the client gets the same text at the same moment, for a
+        scan per read rather than per token."""
+        changed = [False] * len(payloads)
+        grown: _Grown = {}
+        redact = self._redact
+        for i, payload in enumerate(payloads):
+            for choice in payload.get("choices") or ():
+                if not isinstance(choice, dict):
+                    continue
+                index = choice.get("index", 0)
+                if not isinstance(index, int):
+                    index = 0
+                final = choice.get("finish_reason") is not None
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    self._check_tools(delta)
+                    for key in answers.STREAMED_DELTA:
+                        if isinstance(delta.get(key), str):
+                            self._collect(grown, i, delta, key, (index, key, 0), redact)
+                    for call in delta.get("tool_calls") or ():
+                        function = call.get("function") if isinstance(call, dict) else None
+                        if isinstance(function, dict):
+                            at = call.get("index", 0)
+                            self._collect(grown, i, function, "arguments",
+                                          (index, "arguments", at if isinstance(at, int) else 0),
+                                          redact)
+                for key in answers.STREAMED_CHOICE:
+                    if isinstance(choice.get(key), str):
+                        self._collect(grown, i, choice, key, (index, key, 0), redact)
+                if final:
+                    self._release(grown, changed, index)
+                    changed[i] |= self._flush_choice(choice, index)
+            # Every other string of the event, within the event.
+            for place, key in list(answers.strings(payload, answers.STREAMED_NAMES)):
+                text = place[key]
+                out = self._whole(text)
+                if out != text:
+                    place[key] = out
+                    changed[i] = True
+        if grown:
+            self._release(grown, changed, None)
         return changed
 
-    def _grow(self, place: dict[str, Any], key: str, stream_key: tuple[int, str, int],
-              final: bool) -> bool:
-        """One streamed field's new text, redacted with its hold-back."""
-        text = place.get(key)
-        if not isinstance(text, str):
-            return False
-        if not self._redact:
-            self._keep(text, text)
-            return False
-        stream = self._streams.get(stream_key)
-        if stream is None:
-            stream = self._streams[stream_key] = StreamRedactor(self._redactor)
-        out = stream.feed(text)
-        if final:
-            out += stream.flush()
-            del self._streams[stream_key]
-        self._keep(text, out)
-        if out != text:
-            place[key] = out
-            return True
-        return False
+    def _collect(self, grown: _Grown, event: int, place: dict[str, Any], key: str,
+                 stream_key: tuple[int, str, int], redact: bool) -> None:
+        """A streamed field's new text (a string): kept as it is, or queued for ``_release``."""
+        if not redact:
+            self._keep(place[key], place[key])
+            return
+        queued = grown.get(stream_key)
+        if queued is None:
+            grown[stream_key] = [(event, place, key)]
+        else:
+            queued.append((event, place, key))
+
+    def _release(self, grown: _Grown, changed: list[bool], choice: int | None) -> None:
+        """Redact what the streamed fields (of the choice that just finished, or all) gained,
+        each with its hold-back: the text released goes into the field's last place and the
+        earlier places are emptied. A finished choice's fields are flushed, except tool-call
+        arguments (``_flush_choice`` puts what they still hold into the call's entry)."""
+        for stream_key in [k for k in grown if choice is None or k[0] == choice]:
+            places = grown.pop(stream_key)
+            text = ("".join(place[key] for _, place, key in places) if len(places) > 1
+                    else places[0][1][places[0][2]])
+            stream = self._streams.get(stream_key)
+            if stream is None:
+                stream = self._streams[stream_key] = StreamRedactor(self._redactor)
+            out = stream.feed(text)
+            if choice is not None and stream_key[1] != "arguments":
+                out += stream.flush()
+                del self._streams[stream_key]
+            self._keep(text, out)
+            *earlier, (last, place, key) = places
+            for event, before, name in earlier:
+                if before[name]:
+                    before[name] = ""
+                    changed[event] = True
+            if place[key] != out:
+                place[key] = out
+                changed[last] = True
 
     def _flush_choice(self, choice: dict[str, Any], index: int) -> bool:
         """The choice ended: what its other streamed fields still hold goes out with this

@@ -302,6 +302,8 @@ class Detector:
                     # A leading "+" or "(" belongs to a phone number.
                     windows = [(max(m.start() - 1, 0), m.end()) for m in prefilter.near(
                         _NUMERIC, text, anchors.get("NUMERIC", []), 16, 3, deadline)]
+                if not windows:
+                    continue
                 matches = (m for start, end in windows
                            for m in rule.pattern.finditer(text, start, end))
             elif rule.anchor is not None:

@@ -22,7 +22,6 @@ becomes ``0``, a space `` ``, a letter that folds to an ASCII one that letter, a
 from __future__ import annotations
 
 import codecs
-import itertools
 import re
 import threading
 import time
@@ -91,7 +90,8 @@ class Scanner:
 
     def __init__(self, anchors: Sequence[Anchor], fold: bool = False) -> None:
         self.anchors = tuple(anchors)
-        self._fold = fold
+        self._names = tuple(a.name for a in self.anchors)
+        self._errors = "enclave-shadow-folded" if fold else "enclave-shadow"
         self._db = hyperscan.Database()
         self._db.compile(expressions=[a.pattern for a in self.anchors],
                          ids=list(range(len(self.anchors))), elements=len(self.anchors),
@@ -100,25 +100,34 @@ class Scanner:
         self._local = threading.local()
 
     def _thread_scratch(self) -> hyperscan.Scratch:
-        scratch = getattr(self._local, "scratch", None)
-        if scratch is None:
+        try:
+            return self._local.scratch  # type: ignore[no-any-return]
+        except AttributeError:
             scratch = self._local.scratch = self._scratch.clone()
-        return scratch
+            return scratch
 
     def ends(self, text: str) -> dict[str, list[int]]:
-        found: list[list[int]] = [[] for _ in self.anchors]
+        hits: list[tuple[int, int]] = []
+        add = hits.append
 
         def on_match(anchor: int, _start: int, end: int, _flags: int, _ctx: object) -> None:
-            found[anchor].append(end)
+            add((anchor, end))
 
-        self._db.scan(shadow(text, self._fold), match_event_handler=on_match,
+        self._db.scan(text.encode("ascii", self._errors), match_event_handler=on_match,
                       scratch=self._thread_scratch())
-        out = {}
-        for anchor, offsets in zip(self.anchors, found, strict=True):
-            if offsets:
-                if any(b < a for a, b in itertools.pairwise(offsets)):
-                    offsets.sort()
-                out[anchor.name] = offsets
+        out: dict[str, list[int]] = {}
+        if not hits:
+            return out
+        names = self._names
+        for anchor, end in hits:
+            found = out.get(names[anchor])
+            if found is None:
+                out[names[anchor]] = [end]
+            elif end >= found[-1]:
+                found.append(end)
+            else:
+                found.append(end)
+                found.sort()
         return out
 
 

@@ -132,7 +132,7 @@ class RelayResponse(Response):
         output = self.output
         acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage,
                                 chunk_usage=self.parsed.chunk_usage,
-                                transform=output.event if output is not None else None,
+                                transform=output.events if output is not None else None,
                                 choices_per_prompt=self.parsed.n)
         started = False
         try:

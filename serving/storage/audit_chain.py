@@ -44,8 +44,21 @@ def _canonical(value: Any) -> bytes:
 
 def record_hash(record: dict[str, Any]) -> str:
     body = {k: v for k, v in record.items() if k != "hash"}
-    return hashlib.sha256(str(body.get("prev", "")).encode() + b"\n"
-                          + _canonical(body)).hexdigest()
+    return _hash(str(body.get("prev", "")), _canonical(body))
+
+
+def _hash(prev: str, canonical: bytes) -> str:
+    return hashlib.sha256(prev.encode() + b"\n" + canonical).hexdigest()
+
+
+def _line(record: dict[str, Any], prev: str) -> tuple[bytes, str]:
+    """The record's line and hash, serialised once: the canonical JSON of the record (with
+    ``prev``, without ``hash``) is what is hashed, and the line is those bytes with the hash
+    as a last member (a reader parses the line, takes ``hash`` out and canonicalises again:
+    ``record_hash``)."""
+    canonical = _canonical(record)
+    digest = _hash(prev, canonical)
+    return canonical[:-1] + b',"hash":"' + digest.encode() + b'"}', digest
 
 
 def chains(root: Path) -> list[Path]:
@@ -176,9 +189,8 @@ class AuditLog:
         seq, prev = self.seq, self.last_hash
         for record in records:
             seq += 1
-            full = {**record, "seq": seq, "prev": prev}
-            full["hash"] = prev = record_hash(full)
-            lines.append(_canonical(full))
+            line, prev = _line({**record, "seq": seq, "prev": prev}, prev)
+            lines.append(line)
         data = memoryview(b"\n".join(lines) + b"\n")
         size = len(data)
         while data:

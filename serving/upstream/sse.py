@@ -17,7 +17,7 @@ own totals.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -30,11 +30,12 @@ _MAX_PENDING = 1 << 20  # an event larger than this is relayed as it is, unparse
 
 class StreamAccountant:
     def __init__(self, strip_usage_event: bool, chunk_usage: str = "keep",
-                 transform: Callable[[dict[str, Any]], bool] | None = None,
+                 transform: Callable[[list[dict[str, Any]]], list[bool]] | None = None,
                  choices_per_prompt: int = 1) -> None:
         """``chunk_usage``: what to do with usage on content events: "keep", "null", "drop".
-        ``transform``: called with every decoded data event (it may edit it; True when it
-        did), e.g. the output filter that redacts streamed text."""
+        ``transform``: called with the decoded data events of each read, in order (it may
+        edit them; True for each it did), e.g. the output filter that redacts streamed
+        text."""
         self._strip = strip_usage_event
         self._transform = transform
         self._chunk_usage = chunk_usage
@@ -73,24 +74,28 @@ class StreamAccountant:
         if (self._transform is None and _USAGE not in complete
                 and _USAGE_SPACED not in complete):
             return complete
-        out = []
+        kept: list[tuple[bytes, str, dict[str, Any] | None]] = []
         for event in complete.split(_SEP):
-            if not event:
-                continue
-            kind, payload = self._account(event)
-            if kind == "usage_only":
-                if self._strip:
-                    continue
-            elif payload is not None:
-                changed = False
+            if event:
+                kind, payload = self._account(event)
+                if kind != "usage_only" or not self._strip:
+                    kept.append((event, kind, payload))
+        flags: Iterator[bool] | None = None
+        if self._transform is not None:
+            decoded = [payload for _, kind, payload in kept
+                       if payload is not None and kind != "usage_only"]
+            if decoded:
+                flags = iter(self._transform(decoded))
+        out = []
+        for event, kind, payload in kept:
+            if payload is not None and kind != "usage_only":
+                changed = next(flags) if flags is not None else False
                 if kind == "content" and self._chunk_usage != "keep":
                     if self._chunk_usage == "null":
                         payload["usage"] = None
                     else:
                         del payload["usage"]
                     changed = True
-                if self._transform is not None:
-                    changed = self._transform(payload) or changed
                 if changed:
                     event = b"data: " + orjson.dumps(payload)
             out.append(event + _SEP)
