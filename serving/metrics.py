@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,6 +34,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 _DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_M = TypeVar("_M", Counter, Histogram)
 
 
 def share_between_processes(directory: Path) -> None:
@@ -51,6 +53,7 @@ class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._children: dict[tuple[object, tuple[str, ...]], object] = {}
         self.requests = Counter(
             "enclave_requests", "Requests by endpoint, model and HTTP status.",
             ["endpoint", "model", "status"], registry=r)
@@ -106,19 +109,38 @@ class GatewayMetrics:
         multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
 
+    def _child(self, metric: _M, *labels: str) -> _M:
+        """``metric.labels(*labels)``, looked up once per label set (every request would
+        otherwise validate its labels and take the metric's lock)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child  # type: ignore[return-value]
+
+    def count_guard(self, guard: str, action: str, kind: str, n: int = 1) -> None:
+        self._child(self.guard_decisions, guard, action, kind).inc(n)
+
+    def count_rejection(self, client: str, reason: str) -> None:
+        self._child(self.rejections, client, reason).inc()
+
+    def count_client_tokens(self, client: str, model: str, tokens: int) -> None:
+        self._child(self.client_tokens, client, model).inc(tokens)
+
     def observe(self, outcome: Outcome) -> None:
         """A request's metrics, from its outcome (the probes are not counted)."""
+        child = self._child
         if outcome.endpoint not in QUIET:
             model = outcome.model_label
-            self.requests.labels(outcome.endpoint, model, str(outcome.status)).inc()
-            self.latency.labels(outcome.endpoint, model).observe(outcome.duration_s)
+            child(self.requests, outcome.endpoint, model, str(outcome.status)).inc()
+            child(self.latency, outcome.endpoint, model).observe(outcome.duration_s)
         if outcome.model is None:
             return
         if outcome.prompt_tokens:
-            self.prompt_tokens.labels(outcome.model).inc(outcome.prompt_tokens)
+            child(self.prompt_tokens, outcome.model).inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
-            self.completion_tokens.labels(outcome.model).inc(outcome.completion_tokens)
+            child(self.completion_tokens, outcome.model).inc(outcome.completion_tokens)
         if outcome.ttft_s is not None:
-            self.ttft.labels(outcome.model).observe(outcome.ttft_s)
+            child(self.ttft, outcome.model).observe(outcome.ttft_s)
         if outcome.client_disconnected:
-            self.client_disconnects.labels(outcome.endpoint, outcome.model).inc()
+            child(self.client_disconnects, outcome.endpoint, outcome.model).inc()

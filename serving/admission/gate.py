@@ -54,7 +54,7 @@ class Gatekeeper:
         self.metrics = metrics
 
     def _reject(self, client_id: str, reason: str) -> None:
-        self.metrics.rejections.labels(client_id, reason).inc()
+        self.metrics.count_rejection(client_id, reason)
 
     def _rate_limited(self, client_id: str, denied: Denied) -> RateLimited:
         self._reject(client_id, f"rate_{denied.what}")
@@ -163,7 +163,7 @@ class Gatekeeper:
         finally:
             await self._release(admission)
         if charge:
-            self.metrics.client_tokens.labels(admission.client_id, admission.model).inc(charge)
+            self.metrics.count_client_tokens(admission.client_id, admission.model, charge)
             await self.limiter.charge_tokens(admission.client_id, admission.policy.limits, charge)
 
     async def admit_listing(self, principal: Principal, policy: Policy) -> None:

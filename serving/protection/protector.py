@@ -53,7 +53,7 @@ class Protector:
         self.metrics = metrics
 
     def _count(self, guard: str, action: str, kind: str, n: int = 1) -> None:
-        self.metrics.guard_decisions.labels(guard, action, kind).inc(n)
+        self.metrics.count_guard(guard, action, kind, n)
 
     def inspect(self, policy: Policy, request: Request, decisions: Decisions,
                 deadline: float | None = None) -> Inspection:
