@@ -84,13 +84,13 @@ def injection_score(texts: Iterable[str]) -> InjectionScore:
 
 
 def _score_text(text: str, found: dict[str, float], depth: int) -> None:
-    maybe = _SCANNER.ends(text)
-    if "signal" in maybe:
+    maybe = _SCANNER.ends(text)  # None: too many places to tell; scan it all
+    if maybe is None or "signal" in maybe:
         for match in scanning.finditer(_PATTERN, text):
             name = match.lastgroup
             if name is not None:
                 found[name] = _SIGNALS[name][0]
-    if depth == 0 and "encoded" in maybe:
+    if depth == 0 and (maybe is None or "encoded" in maybe):
         for match in scanning.finditer(_ENCODED, text):
             decoded = _decoded_text(match.group())
             if decoded is None:

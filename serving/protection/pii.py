@@ -286,7 +286,8 @@ class Detector:
         if len(text) < MIN_FINDING:
             return []
         anchors = _SCANNER.ends(text)
-        if not anchors and not any(trigger(text) for trigger in self._triggers):
+        if anchors is not None and not anchors \
+                and not any(trigger(text) for trigger in self._triggers):
             return []  # the common case: nothing any rule could match
         starts: list[int] = []  # claimed spans, sorted and disjoint
         ends: list[int] = []
@@ -300,18 +301,23 @@ class Detector:
             if rule.numeric:
                 if windows is None:
                     # A leading "+" or "(" belongs to a phone number.
-                    windows = [(max(m.start() - 1, 0), m.end()) for m in prefilter.near(
-                        _NUMERIC, text, anchors.get("NUMERIC", []), 16, 3, deadline)]
+                    numbers = (scanning.finditer(_NUMERIC, text, deadline) if anchors is None
+                               else prefilter.near(_NUMERIC, text, anchors.get("NUMERIC", []),
+                                                   16, 3, deadline))
+                    windows = [(max(m.start() - 1, 0), m.end()) for m in numbers]
                 if not windows:
                     continue
                 matches = (m for start, end in windows
                            for m in rule.pattern.finditer(text, start, end))
             elif rule.anchor is not None:
-                anchored = anchors.get(str(index))
-                if anchored is None:
-                    continue
-                matches = prefilter.near(rule.pattern, text, anchored, rule.before,
-                                         rule.after, deadline)
+                if anchors is None:  # too many anchors: the whole text, in bounded steps
+                    matches = scanning.finditer(rule.pattern, text, deadline)
+                else:
+                    anchored = anchors.get(str(index))
+                    if anchored is None:
+                        continue
+                    matches = prefilter.near(rule.pattern, text, anchored, rule.before,
+                                             rule.after, deadline)
             elif rule.trigger is not None and rule.trigger(text):
                 if rule.finder is not None:
                     matches = rule.finder(text)

@@ -36,6 +36,8 @@ from serving.protection.scanning import ScanTooLong
 # lookahead or ``\\b`` that saw the window's end (the patterns look at most 2 characters
 # ahead): it is taken again from the whole text, from the same start.
 MARGIN = 8
+# Past this many anchors in one text, the caller scans it whole instead (``Scanner.ends``).
+MAX_HITS = 4096
 
 
 OTHER, DIGIT, SPACE = b"\x80", b"\x81", b"\x82"
@@ -106,15 +108,21 @@ class Scanner:
             scratch = self._local.scratch = self._scratch.clone()
             return scratch
 
-    def ends(self, text: str) -> dict[str, list[int]]:
+    def ends(self, text: str) -> dict[str, list[int]] | None:
+        """None when the anchors are more than ``MAX_HITS``: a text that dense costs less to
+        scan whole, pattern by pattern, than to hand a Python callback every anchor."""
         hits: list[tuple[int, int]] = []
         add = hits.append
 
-        def on_match(anchor: int, _start: int, end: int, _flags: int, _ctx: object) -> None:
+        def on_match(anchor: int, _start: int, end: int, _flags: int, _ctx: object) -> bool:
             add((anchor, end))
+            return len(hits) > MAX_HITS  # True stops the scan
 
-        self._db.scan(text.encode("ascii", self._errors), match_event_handler=on_match,
-                      scratch=self._thread_scratch())
+        try:
+            self._db.scan(text.encode("ascii", self._errors), match_event_handler=on_match,
+                          scratch=self._thread_scratch())
+        except hyperscan.ScanTerminated:
+            return None
         out: dict[str, list[int]] = {}
         if not hits:
             return out
@@ -155,14 +163,18 @@ def near(pattern: re.Pattern[str], text: str, ends: list[int], before: int, afte
             i += 1
         at = start
         while at < stop:
-            match = pattern.search(text, at, stop)
-            if match is None:
+            resume = None
+            for match in pattern.finditer(text, at, stop):
+                if stop < n and match.end() > stop - MARGIN:
+                    whole = pattern.match(text, match.start())
+                    if whole is None:  # cut short: not a match; search on past its start
+                        resume = match.start() + 1
+                        break
+                    yield whole
+                    pos = resume = whole.end()
+                    break
+                yield match
+                pos = match.end()
+            if resume is None:
                 break
-            if stop < n and match.end() > stop - MARGIN:
-                whole = pattern.match(text, match.start())
-                if whole is None:
-                    at = match.start() + 1
-                    continue
-                match = whole
-            yield match
-            pos = at = match.end() if match.end() > match.start() else match.end() + 1
+            at = resume
