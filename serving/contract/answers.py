@@ -37,14 +37,23 @@ def strings(node: Any, skip: frozenset[str] = frozenset()) -> Iterator[tuple[Any
         item = pop()
         if isinstance(item, dict):
             for key, value in item.items():
-                if isinstance(value, str):
+                kind = type(value)
+                if kind in _SCALARS:
+                    continue
+                if kind is str or isinstance(value, str):
                     if key not in skip and key not in NOT_TEXT:
                         yield item, key
                 elif isinstance(value, dict | list) and key not in NOT_TEXT:
                     push(value)
         elif isinstance(item, list):
             for i, value in enumerate(item):
+                if type(value) in _SCALARS:
+                    continue
                 if isinstance(value, str):
                     yield item, i
                 elif isinstance(value, dict | list):
                     push(value)
+
+
+# What JSON decodes to besides text and containers: passed over at once.
+_SCALARS = frozenset({int, float, bool, type(None)})

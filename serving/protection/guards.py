@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import hyperscan
 import orjson
 
 from serving.contract import ChatRequest, CompletionRequest
@@ -59,11 +58,10 @@ _ENCODED_WEIGHT = 0.3  # a base64 blob that decodes to text; more when the text 
 # One Hyperscan pass says whether any signal, or a base64 run, could be in a text: each signal
 # compiled in prefilter mode (a superset of what ``re`` matches), so the ``re`` scan runs only
 # on texts where it may find something, and finds exactly what it would have found anyway.
-_FLAGS = (hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH
-          | hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_DOTALL | hyperscan.HS_FLAG_MULTILINE)
 _SCANNER = prefilter.Scanner(
-    [prefilter.Anchor("signal", regex.encode(), 0, _FLAGS) for _, regex in _SIGNALS.values()]
-    + [prefilter.Anchor("encoded", rb"[A-Za-z0-9+/]{40}", 0, hyperscan.HS_FLAG_SINGLEMATCH)],
+    [prefilter.Anchor("signal", regex.encode(), 0, prefilter.SIGNAL)
+     for _, regex in _SIGNALS.values()]
+    + [prefilter.Anchor("encoded", rb"[A-Za-z0-9+/]{40}", 0, prefilter.SINGLEMATCH)],
     fold=True)
 
 

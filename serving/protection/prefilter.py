@@ -27,10 +27,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-
-import hyperscan
+from typing import Any
 
 from serving.protection.scanning import ScanTooLong
+
+try:
+    import hyperscan
+except ImportError:  # no wheel for this machine (hyperscan 0.9 is x86-64 only)
+    hyperscan = None  # type: ignore[assignment]  # every text is then scanned whole: same findings
+
+# Anchor flags (Hyperscan's values; unused without it).
+SINGLEMATCH = hyperscan.HS_FLAG_SINGLEMATCH if hyperscan else 0
+# A pattern in ``re`` syntax matched case-insensitively across lines, compiled as a superset of
+# itself: reported at most once per text.
+SIGNAL = (hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_CASELESS
+          | hyperscan.HS_FLAG_DOTALL | hyperscan.HS_FLAG_MULTILINE) if hyperscan else 0
 
 # A match ending this close to its window's end may have been cut short, or judged by a
 # lookahead or ``\\b`` that saw the window's end (the patterns look at most 2 characters
@@ -94,23 +105,29 @@ class Scanner:
         self.anchors = tuple(anchors)
         self._names = tuple(a.name for a in self.anchors)
         self._errors = "enclave-shadow-folded" if fold else "enclave-shadow"
+        self._local = threading.local()
+        self._db: Any = None
+        if hyperscan is None:
+            return
         self._db = hyperscan.Database()
         self._db.compile(expressions=[a.pattern for a in self.anchors],
                          ids=list(range(len(self.anchors))), elements=len(self.anchors),
                          flags=[a.flags for a in self.anchors])
         self._scratch = hyperscan.Scratch(self._db)
-        self._local = threading.local()
 
-    def _thread_scratch(self) -> hyperscan.Scratch:
+    def _thread_scratch(self) -> Any:
         try:
-            return self._local.scratch  # type: ignore[no-any-return]
+            return self._local.scratch
         except AttributeError:
             scratch = self._local.scratch = self._scratch.clone()
             return scratch
 
     def ends(self, text: str) -> dict[str, list[int]] | None:
-        """None when the anchors are more than ``MAX_HITS``: a text that dense costs less to
-        scan whole, pattern by pattern, than to hand a Python callback every anchor."""
+        """None when the anchors are more than ``MAX_HITS`` (a text that dense costs less to
+        scan whole, pattern by pattern, than to hand a Python callback every anchor), or
+        without Hyperscan."""
+        if self._db is None:
+            return None
         hits: list[tuple[int, int]] = []
         add = hits.append
 
