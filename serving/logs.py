@@ -34,9 +34,10 @@ _ts_cache: tuple[int, str] = (-1, "")
 def _timestamp(created: float, msecs: float) -> str:
     global _ts_cache
     second = int(created)
-    if _ts_cache[0] != second:
-        _ts_cache = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    return f"{_ts_cache[1]}.{int(msecs):03d}Z"
+    cache = _ts_cache  # read once: other threads (the audit writer) update it too
+    if cache[0] != second:
+        cache = _ts_cache = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cache[1]}.{int(msecs):03d}Z"
 
 
 def iso_timestamp(ts: float) -> str:

@@ -43,10 +43,9 @@ def share_between_processes(directory: Path) -> None:
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
-def process_exited(pid: int) -> None:
+def process_exited(pid: int, directory: Path) -> None:
     """A worker is gone: its live gauges no longer count."""
-    if os.environ.get(_DIR_ENV):
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
 
 
 class GatewayMetrics:

@@ -17,7 +17,7 @@ from serving.cli import serve
 from serving.cli.common import Store, console, fail, load_settings, stdout, with_store
 from serving.cli.models import build_demo_model, ensure_engine_env
 from serving.cli.sidecar import ExporterProcess
-from serving.cli.workers import FDS_ENV, supervise
+from serving.cli.workers import FDS_ENV, die_with_parent, supervise
 from serving.contract.completeness import gaps
 from serving.domain.manifest import ManifestError
 from serving.engines.sources import resolve_model_dir, vllm_fields
@@ -152,6 +152,7 @@ def gateway(host: str | None, port: int | None, workers: int) -> None:
     inherited = os.environ.get(FDS_ENV)
     sockets = None
     if inherited:  # a worker of `enclave gateway --workers N`
+        die_with_parent()
         sockets = [socket.socket(fileno=int(fd)) for fd in inherited.split(",")]
         share_between_processes(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
     app = _gateway(settings)

@@ -12,6 +12,7 @@ its own audit chain (``<host>-<port>-w<N>``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -26,6 +27,8 @@ from serving.settings import Settings
 
 log = logging.getLogger("enclave.workers")
 FDS_ENV = "ENCLAVE_LISTEN_FDS"
+PARENT_ENV = "ENCLAVE_WORKERS_PARENT"
+_PR_SET_PDEATHSIG = 1
 _RESTARTS = 5
 _RESTART_WINDOW_S = 60.0
 _STOP_TIMEOUT_S = 30.0
@@ -37,7 +40,11 @@ def supervise(settings: Settings, workers: int) -> int:
     shared = settings.run_dir / f"metrics-{settings.port}"
     shutil.rmtree(shared, ignore_errors=True)
     shared.mkdir(parents=True, mode=0o700)
-    env = {**os.environ, FDS_ENV: ",".join(map(str, fds)), "PROMETHEUS_MULTIPROC_DIR": str(shared)}
+    # The workers read their settings from the environment: the address this command was
+    # given (--host/--port) goes with them (it names their audit chains too).
+    env = {**os.environ, FDS_ENV: ",".join(map(str, fds)), "PROMETHEUS_MULTIPROC_DIR": str(shared),
+           PARENT_ENV: str(os.getpid()), "ENCLAVE_HOST": settings.host,
+           "ENCLAVE_PORT": str(settings.port)}
     command = [sys.executable, "-m", "serving.cli.main", "gateway"]
 
     def start(index: int) -> subprocess.Popen[bytes]:
@@ -62,7 +69,7 @@ def supervise(settings: Settings, workers: int) -> int:
         for index, proc in list(procs.items()):
             if proc.poll() is None or stopping:
                 continue
-            metrics.process_exited(proc.pid)
+            metrics.process_exited(proc.pid, shared)
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < _RESTART_WINDOW_S] + [now]
             if len(restarts) > _RESTARTS:
@@ -83,7 +90,18 @@ def supervise(settings: Settings, workers: int) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        metrics.process_exited(proc.pid)
+        metrics.process_exited(proc.pid, shared)
     for sock in sockets:
         sock.close()
     return code
+
+
+def die_with_parent() -> None:
+    """In a worker: SIGTERM when the parent dies (SIGKILL included), so no worker keeps
+    serving, and holding the port, without its supervisor (Linux ``prctl``)."""
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent and os.getppid() != parent:  # it died before the line above
+        raise SystemExit(1)

@@ -62,7 +62,7 @@ _SCANNER = prefilter.Scanner(
     [prefilter.Anchor("signal", regex.encode(), 0, prefilter.SIGNAL)
      for _, regex in _SIGNALS.values()]
     + [prefilter.Anchor("encoded", rb"[A-Za-z0-9+/]{40}", 0, prefilter.SINGLEMATCH)],
-    fold=True)
+    unicode=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,7 +133,8 @@ class OutputFilter:
                             self._collect(grown, i, delta, key, (index, key, 0), redact)
                     for call in delta.get("tool_calls") or ():
                         function = call.get("function") if isinstance(call, dict) else None
-                        if isinstance(function, dict):
+                        if isinstance(function, dict) and isinstance(
+                                function.get("arguments"), str):
                             at = call.get("index", 0)
                             self._collect(grown, i, function, "arguments",
                                           (index, "arguments", at if isinstance(at, int) else 0),

@@ -63,7 +63,10 @@ class _Rule:
     anchor: bytes | None = None
     before: int = 0
     after: int = 0
-    trigger: Callable[[str], bool] | None = None  # else: a cheap test that it may match
+    tail: re.Pattern[str] | None = None  # see ``prefilter.near``
+    # A cheap test that it may match: for a rule without an anchor, or when the text is
+    # scanned whole (``prefilter`` said None).
+    trigger: Callable[[str], bool] | None = None
 
 
 _KEY_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
@@ -96,6 +99,13 @@ def _has(*needles: str) -> Callable[[str], bool]:
         needle = needles[0]
         return lambda text: needle in text
     return lambda text: any(n in text for n in needles)
+
+
+_DIGIT = re.compile(r"\d")
+
+
+def _has_digits(text: str) -> bool:
+    return _DIGIT.search(text) is not None
 
 
 def _digits(value: str) -> str:
@@ -178,20 +188,24 @@ _RULES: tuple[_Rule, ...] = (
         r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
         trigger=_has("eyJ"), stepped=False),
     _Rule("BEARER_TOKEN", re.compile(r"(?i)\bbearer\s{1,64}([A-Za-z0-9._~+/-]{16,}=*)"),
-          group=1, anchor=rb"(?i)bearer" + _SPACE_ANCHOR, before=7, after=80),
+          group=1, anchor=rb"(?i)bearer" + _SPACE_ANCHOR, before=7, after=80,
+          trigger=_has("earer", "EARER")),
     _Rule("AWS_ACCESS_KEY", re.compile(
         r"\b(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA)[A-Z2-7]{16}\b"),
         anchor=rb"AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|APKA|AROA", before=4,
-        after=17),
+        after=17, trigger=_has("A")),
     _Rule("API_KEY", re.compile(
         r"\b(?:AIza[0-9A-Za-z_-]{35}|gh[pousr]_[A-Za-z0-9]{36,255}|xox[abprs]-[A-Za-z0-9-]{10,}"
         r"|sk-[A-Za-z0-9_-]{20,}|glpat-[A-Za-z0-9_-]{20,})"),
-        anchor=rb"AIza|gh[pousr]_|xox[abprs]-|sk-|glpat-", before=6, after=36),
+        anchor=rb"AIza|gh[pousr]_|xox[abprs]-|sk-|glpat-", before=6, after=36,
+        trigger=_has("AIza", "gh", "xox", "sk-", "glpat-")),
     _Rule("EMAIL", re.compile(
         r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}"),
-        anchor=rb"@", before=65, after=66),
+        anchor=rb"@", before=65, after=66, tail=re.compile(r"[A-Za-z0-9.-]*"),
+        trigger=_has("@")),
     _Rule("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b"),
-          anchor=rb"[A-Z]{2}" + _DIGIT_ANCHOR + rb"{2}", before=4, after=61),
+          anchor=rb"[A-Z]{2}" + _DIGIT_ANCHOR + rb"{2}", before=4, after=61,
+          trigger=_has_digits),
     _Rule("CREDIT_CARD", re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])"), _card,
           numeric=True),
     _Rule("FR_NIR", re.compile(
@@ -208,7 +222,7 @@ _RULES: tuple[_Rule, ...] = (
     _Rule("IP_ADDRESS", re.compile(
         r"(?<![\w.:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:]|\.\w)"),
         validate=_ip, anchor=rb"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:", before=10,
-        after=30),
+        after=30, trigger=_has(":")),
     # A match starts where a run of token characters starts (the lookbehind).
     _Rule("SECRET_TOKEN", re.compile(
         r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{32,}={0,2}(?![A-Za-z0-9+/_=-])"),
@@ -278,7 +292,8 @@ class Detector:
             raise ValueError(f"unknown type(s): {', '.join(sorted(unknown))}")
         self.types = wanted
         self._rules = tuple((i, r) for i, r in enumerate(_RULES) if r.type in wanted)
-        self._triggers = tuple(r.trigger for _, r in self._rules if r.trigger is not None)
+        self._triggers = tuple(r.trigger for _, r in self._rules
+                               if r.trigger is not None and r.anchor is None)
 
     def find(self, text: str, deadline: float | None = None) -> list[Finding]:
         """Non-overlapping findings, in order of position. Where two rules match overlapping
@@ -310,14 +325,16 @@ class Detector:
                 matches = (m for start, end in windows
                            for m in rule.pattern.finditer(text, start, end))
             elif rule.anchor is not None:
-                if anchors is None:  # too many anchors: the whole text, in bounded steps
+                if anchors is None:  # the whole text, in bounded steps
+                    if rule.trigger is not None and not rule.trigger(text):
+                        continue
                     matches = scanning.finditer(rule.pattern, text, deadline)
                 else:
                     anchored = anchors.get(str(index))
                     if anchored is None:
                         continue
                     matches = prefilter.near(rule.pattern, text, anchored, rule.before,
-                                             rule.after, deadline)
+                                             rule.after, deadline, rule.tail)
             elif rule.trigger is not None and rule.trigger(text):
                 if rule.finder is not None:
                     matches = rule.finder(text)

@@ -8,15 +8,15 @@ pattern contains, at a known distance from the match's start. The exact ``re`` p
 only around those places (``near``), so what is found is exactly what a whole-text ``finditer``
 finds; text without an anchor costs nothing more.
 
-Hyperscan reads bytes and knows only ASCII classes, while the exact patterns are Unicode-aware
-(``\\d`` matches every decimal digit, ``\\s`` every space, ``re.IGNORECASE`` folds the Kelvin sign
-to ``k``). A text that is not ASCII is therefore scanned as its *shadow*: one byte per
-character, so offsets stay the same. For the detector's anchors a non-ASCII decimal digit
-becomes ``DIGIT``, a non-ASCII space ``SPACE`` and anything else ``OTHER`` (anchors spell
-``\\d`` as ``[0-9\\x81]``; an ASCII class, as in ``re``, matches none of them). For patterns
-matched case-insensitively (``fold=True``: the injection signals, in prefilter mode) a digit
-becomes ``0``, a space `` ``, a letter that folds to an ASCII one that letter, anything else
-``OTHER``: a superset of what ``re`` matches.
+The exact patterns are Unicode-aware (``\\d`` matches every decimal digit, ``\\s`` every space).
+For the detector, whose anchors give offsets, a text that is not ASCII is scanned as its
+*shadow*: one byte per character, so offsets stay the same; a non-ASCII decimal digit becomes
+``DIGIT``, a non-ASCII space ``SPACE``, anything else ``OTHER`` (anchors spell ``\\d`` as
+``[0-9\\x81]``; an ASCII class, as in ``re``, matches none of them). A text mostly not ASCII
+costs more to shadow than to scan whole, and is scanned whole. The injection signals, which
+only need a yes or no, are scanned as UTF-8 with Hyperscan's Unicode classes and case folding
+(``unicode=True``; the ASCII separators 0x1c-0x1f, which ``re``'s ``\\s`` matches and
+Unicode's White_Space does not, read as spaces).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ SINGLEMATCH = hyperscan.HS_FLAG_SINGLEMATCH if hyperscan else 0
 # itself: reported at most once per text.
 SIGNAL = (hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_CASELESS
           | hyperscan.HS_FLAG_DOTALL | hyperscan.HS_FLAG_MULTILINE) if hyperscan else 0
+_UNICODE = hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP if hyperscan else 0
 
 # A match ending this close to its window's end may have been cut short, or judged by a
 # lookahead or ``\\b`` that saw the window's end (the patterns look at most 2 characters
@@ -58,17 +59,6 @@ def _exact(c: str) -> bytes:
     return DIGIT if c.isdecimal() else SPACE if c.isspace() else OTHER
 
 
-def _folded(c: str) -> bytes:
-    if c.isdecimal():
-        return b"0"
-    if c.isspace():
-        return b" "
-    for pair in (c.lower(), c.upper()):  # the Kelvin sign, the long s, the dotless i...
-        if pair[:1].isascii() and pair[:1].isalpha():
-            return pair[0].encode()
-    return OTHER
-
-
 def _handler(char: Callable[[str], bytes]) -> Callable[[UnicodeError], tuple[bytes, int]]:
     def handle(exc: UnicodeError) -> tuple[bytes, int]:
         if not isinstance(exc, UnicodeEncodeError):
@@ -78,12 +68,40 @@ def _handler(char: Callable[[str], bytes]) -> Callable[[UnicodeError], tuple[byt
 
 
 codecs.register_error("enclave-shadow", _handler(_exact))
-codecs.register_error("enclave-shadow-folded", _handler(_folded))
+# re's \s matches the ASCII separators 0x1c-0x1f; Hyperscan's (Unicode's White_Space) does
+# not: spaces, for the patterns matched in Unicode mode.
+_SEPARATORS = bytes(range(0x1C)) + b"    " + bytes(range(0x20, 256))
+# Past this share of non-ASCII characters (one in eight), building the shadow costs more
+# than scanning the text whole: ``shadow`` says None and the caller does that instead.
+_MAX_NON_ASCII = 8
 
 
-def shadow(text: str, fold: bool = False) -> bytes:
-    """The bytes Hyperscan scans: the text itself when ASCII, else its shadow."""
-    return text.encode("ascii", "enclave-shadow-folded" if fold else "enclave-shadow")
+def shadow(text: str) -> bytes | None:
+    """The bytes Hyperscan scans, one per character (offsets stay the same); None for a text
+    mostly not ASCII (Cyrillic, Chinese...), which is cheaper to scan whole."""
+    if text.isascii():
+        return text.encode("ascii")
+    extra = len(text.encode("utf-8", "surrogatepass")) - len(text)
+    if extra * _MAX_NON_ASCII > len(text):
+        return None
+    return text.encode("ascii", "enclave-shadow")
+
+
+# The characters re.IGNORECASE equates with an ASCII letter where Unicode case folding (and
+# Hyperscan) does not: the dotted capital and dotless small i, the long s, the Kelvin sign
+# (found by trying every code point against every letter).
+_RE_FOLDS = (("\u0130", "i"), ("\u0131", "i"), ("\u017f", "s"), ("\u212a", "k"))
+
+
+def _utf8(text: str) -> bytes | None:
+    if not text.isascii():
+        for char, letter in _RE_FOLDS:
+            if char in text:
+                text = text.replace(char, letter)
+    try:
+        return text.encode("utf-8").translate(_SEPARATORS)
+    except UnicodeEncodeError:  # a lone surrogate: not valid UTF-8 for Hyperscan
+        return None
 
 
 @dataclass(frozen=True)
@@ -101,10 +119,13 @@ class Scanner:
     """A compiled set of anchors. ``ends(text)``: for each anchor, the offsets where it ends,
     ascending. Safe to share between threads (each has its own scratch space)."""
 
-    def __init__(self, anchors: Sequence[Anchor], fold: bool = False) -> None:
+    def __init__(self, anchors: Sequence[Anchor], unicode: bool = False) -> None:
+        """``unicode``: the text is scanned as UTF-8 with Unicode classes and case folding
+        (``\\d``, ``\\s``, ``\\b`` and case-insensitive matching as ``re`` has them): for
+        callers that only ask which patterns may match, as the offsets are then in bytes."""
         self.anchors = tuple(anchors)
         self._names = tuple(a.name for a in self.anchors)
-        self._errors = "enclave-shadow-folded" if fold else "enclave-shadow"
+        self._unicode = unicode
         self._local = threading.local()
         self._db: Any = None
         if hyperscan is None:
@@ -112,7 +133,7 @@ class Scanner:
         self._db = hyperscan.Database()
         self._db.compile(expressions=[a.pattern for a in self.anchors],
                          ids=list(range(len(self.anchors))), elements=len(self.anchors),
-                         flags=[a.flags for a in self.anchors])
+                         flags=[a.flags | (_UNICODE if unicode else 0) for a in self.anchors])
         self._scratch = hyperscan.Scratch(self._db)
 
     def _thread_scratch(self) -> Any:
@@ -135,8 +156,11 @@ class Scanner:
             add((anchor, end))
             return len(hits) > MAX_HITS  # True stops the scan
 
+        data = _utf8(text) if self._unicode else shadow(text)
+        if data is None:
+            return None
         try:
-            self._db.scan(text.encode("ascii", self._errors), match_event_handler=on_match,
+            self._db.scan(data, match_event_handler=on_match,
                           scratch=self._thread_scratch())
         except hyperscan.ScanTerminated:
             return None
@@ -157,14 +181,18 @@ class Scanner:
 
 
 def near(pattern: re.Pattern[str], text: str, ends: list[int], before: int, after: int,
-         deadline: float | None = None) -> Iterator[re.Match[str]]:
+         deadline: float | None = None,
+         tail: re.Pattern[str] | None = None) -> Iterator[re.Match[str]]:
     """Exactly ``pattern.finditer(text)``, given that every match contains an anchor ending at
     one of ``ends`` (ascending) at most ``before`` characters after the match's start, and
     that the text cut ``after`` characters past an anchor's end still matches from the same
     start (the pattern's bounded part fits; an unbounded run is cut short). Searches only the
     windows from ``before`` characters ahead of each anchor's end to ``after + MARGIN`` behind
     it (overlapping windows merged); ``re`` lets a lookbehind see before a window. A match that
-    ends within ``MARGIN`` of a window's end is taken again from the whole text."""
+    ends within ``MARGIN`` of a window's end is taken again from the whole text. ``tail``: for
+    a pattern whose unbounded part must end in a certain way (an e-mail's domain ends with
+    letters), the run of characters that part may take: each window then reaches past the
+    whole run, so the pattern sees all of it."""
     n = len(text)
     pos = 0  # where a whole-text finditer would search next
     i = 0
@@ -173,10 +201,10 @@ def near(pattern: re.Pattern[str], text: str, ends: list[int], before: int, afte
             raise ScanTooLong
         reach = after + MARGIN
         start = max(ends[i] - before, pos)
-        stop = min(ends[i] + reach, n)
+        stop = _stop(text, ends[i], reach, tail)
         i += 1
         while i < len(ends) and ends[i] - before <= stop:
-            stop = min(ends[i] + reach, n)
+            stop = _stop(text, ends[i], reach, tail)
             i += 1
         at = start
         while at < stop:
@@ -195,3 +223,11 @@ def near(pattern: re.Pattern[str], text: str, ends: list[int], before: int, afte
             if resume is None:
                 break
             at = resume
+
+
+def _stop(text: str, end: int, reach: int, tail: re.Pattern[str] | None) -> int:
+    if tail is not None:
+        run = tail.match(text, end)
+        if run is not None:
+            return min(max(run.end(), end) + reach, len(text))
+    return min(end + reach, len(text))

@@ -56,7 +56,7 @@ def _line(record: dict[str, Any], prev: str) -> tuple[bytes, str]:
     ``prev``, without ``hash``) is what is hashed, and the line is those bytes with the hash
     as a last member (a reader parses the line, takes ``hash`` out and canonicalises again:
     ``record_hash``)."""
-    canonical = _canonical(record)
+    canonical = _canonical({k: v for k, v in record.items() if k != "hash"})
     digest = _hash(prev, canonical)
     return canonical[:-1] + b',"hash":"' + digest.encode() + b'"}', digest
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from serving.bench.stores import RedisServer
+from serving.bench.targets import free_port
 from tests.support import (
     REPO,
     GatewayProcess,
@@ -117,3 +118,39 @@ def test_workers_without_redis_are_refused(tmp_path: Path) -> None:
         env=settings_env(settings), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "ENCLAVE_REDIS_URL" in result.stderr + result.stdout
+
+
+def test_workers_take_the_port_given_and_die_with_their_parent(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    settings = gateway_settings(tmp_path, copy_manifests(tmp_path / "models"),
+                                redis_url=redis_server.url)
+    port = free_port()
+    env = {k: v for k, v in settings_env(settings).items() if k != "ENCLAVE_PORT"}
+    with (tmp_path / "gw.log").open("wb") as log:
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli.main", "gateway", "--workers", "2",
+             "--port", str(port)], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _healthy(f"http://127.0.0.1:{port}"), 60, what="workers up")
+        chains = sorted(p.name for p in settings.resolved_audit_dir.iterdir())
+        assert [c.rsplit("-", 2)[1:] for c in chains] == [[str(port), "w0"], [str(port), "w1"]]
+        children = _children(parent.pid)
+        parent.kill()  # SIGKILL: no chance to stop its workers
+        parent.wait(timeout=10)
+        wait_until(lambda: not any(_alive(pid) for pid in children), 20,
+                   what="workers gone with their parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()

@@ -215,6 +215,22 @@ def test_every_streamed_text_field_is_redacted_across_events() -> None:
     assert "jane.doe@example.com" not in arguments and "<EMAIL_1>" in arguments
 
 
+def test_a_tool_call_delta_without_arguments_passes() -> None:
+    # vLLM's first tool-call delta names the function and may carry no arguments (or null).
+    out = Protector(GatewayMetrics()).output_filter(_policy(pii={"output": "redact"}), None)
+    assert out is not None
+    first = {"choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}]}}]}
+    null = {"choices": [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": None}}]}}]}
+    rest = {"choices": [{"index": 0, "finish_reason": "tool_calls", "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": '{"to": "a@example.com"}'}}]}}]}
+    assert out.events([first, null]) == [False, False]
+    out.events([rest])
+    assert "a@example.com" not in orjson.dumps(rest).decode()
+    assert "<EMAIL_1>" in orjson.dumps(rest).decode()
+
+
 def test_a_completions_stream_and_several_choices_are_redacted_per_choice() -> None:
     out = Protector(GatewayMetrics()).output_filter(_policy(pii={"output": "redact"}), None)
     assert out is not None
