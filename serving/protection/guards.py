@@ -58,8 +58,23 @@ _ENCODED_WEIGHT = 0.3  # a base64 blob that decodes to text; more when the text 
 # One Hyperscan pass says whether any signal, or a base64 run, could be in a text: each signal
 # compiled in prefilter mode (a superset of what ``re`` matches), so the ``re`` scan runs only
 # on texts where it may find something, and finds exactly what it would have found anyway.
+# The text is scanned as UTF-8 bytes (``prefilter.Scanner(unicode=True)``), where a character
+# takes up to four bytes and a space up to three: the copies Hyperscan compiles let each
+# bounded run of characters take four times as many bytes, and a run of spaces any byte of a
+# non-ASCII character too (three times as many).
+
+
+def _widened(regex: str) -> bytes:
+    regex = re.sub(r"\.\{0,(\d+)\}", lambda m: f".{{0,{4 * int(m.group(1))}}}", regex)
+    regex = re.sub(r"\\s\{(\d+),(\d+)\}",
+                   lambda m: f"[\\s\\x1c-\\x1f\\x80-\\xff]{{{m.group(1)},{3 * int(m.group(2))}}}",
+                   regex)
+    assert "\\s" not in regex.replace("[\\s", ""), "a \\s without bounds: widen it too"
+    return regex.encode()
+
+
 _SCANNER = prefilter.Scanner(
-    [prefilter.Anchor("signal", regex.encode(), 0, prefilter.SIGNAL)
+    [prefilter.Anchor("signal", _widened(regex), 0, prefilter.SIGNAL)
      for _, regex in _SIGNALS.values()]
     + [prefilter.Anchor("encoded", rb"[A-Za-z0-9+/]{40}", 0, prefilter.SINGLEMATCH)],
     unicode=True)

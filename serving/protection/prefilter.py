@@ -42,7 +42,6 @@ SINGLEMATCH = hyperscan.HS_FLAG_SINGLEMATCH if hyperscan else 0
 # itself: reported at most once per text.
 SIGNAL = (hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_CASELESS
           | hyperscan.HS_FLAG_DOTALL | hyperscan.HS_FLAG_MULTILINE) if hyperscan else 0
-_UNICODE = hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP if hyperscan else 0
 
 # A match ending this close to its window's end may have been cut short, or judged by a
 # lookahead or ``\\b`` that saw the window's end (the patterns look at most 2 characters
@@ -87,21 +86,26 @@ def shadow(text: str) -> bytes | None:
     return text.encode("ascii", "enclave-shadow")
 
 
-# The characters re.IGNORECASE equates with an ASCII letter where Unicode case folding (and
-# Hyperscan) does not: the dotted capital and dotless small i, the long s, the Kelvin sign
-# (found by trying every code point against every letter).
+# The characters re.IGNORECASE equates with an ASCII letter (found by trying every code point
+# against every letter): the dotted capital and dotless small i, the long s, the Kelvin sign.
 _RE_FOLDS = (("\u0130", "i"), ("\u0131", "i"), ("\u017f", "s"), ("\u212a", "k"))
 
 
-def _utf8(text: str) -> bytes | None:
+def _utf8(text: str) -> bytes:
     if not text.isascii():
         for char, letter in _RE_FOLDS:
             if char in text:
                 text = text.replace(char, letter)
-    try:
-        return text.encode("utf-8").translate(_SEPARATORS)
-    except UnicodeEncodeError:  # a lone surrogate: not valid UTF-8 for Hyperscan
-        return None
+    return text.encode("utf-8", "surrogatepass").translate(_SEPARATORS)
+
+
+_ALL: list[Scanner] = []
+
+
+def warm() -> None:
+    """Compile every scanner now (a gateway does at start, not on its first request)."""
+    for scanner in _ALL:
+        scanner.compile()
 
 
 @dataclass(frozen=True)
@@ -120,21 +124,35 @@ class Scanner:
     ascending. Safe to share between threads (each has its own scratch space)."""
 
     def __init__(self, anchors: Sequence[Anchor], unicode: bool = False) -> None:
-        """``unicode``: the text is scanned as UTF-8 with Unicode classes and case folding
-        (``\\d``, ``\\s``, ``\\b`` and case-insensitive matching as ``re`` has them): for
-        callers that only ask which patterns may match, as the offsets are then in bytes."""
+        """``unicode``: the text is scanned as its UTF-8 bytes (the four letters ``re`` folds
+        to ASCII ones replaced, the separators 0x1c-0x1f as spaces): for callers that only ask
+        which patterns may match, whose patterns allow for characters of several bytes (the
+        offsets are in bytes)."""
         self.anchors = tuple(anchors)
         self._names = tuple(a.name for a in self.anchors)
         self._unicode = unicode
         self._local = threading.local()
         self._db: Any = None
+        self._scratch: Any = None
+        self._lock = threading.Lock()
+        _ALL.append(self)
+
+    def compile(self) -> bool:
+        """Compile the anchors (once, on first use or at ``warm``: a fraction of a second);
+        False without Hyperscan."""
+        if self._db is not None:
+            return True
         if hyperscan is None:
-            return
-        self._db = hyperscan.Database()
-        self._db.compile(expressions=[a.pattern for a in self.anchors],
-                         ids=list(range(len(self.anchors))), elements=len(self.anchors),
-                         flags=[a.flags | (_UNICODE if unicode else 0) for a in self.anchors])
-        self._scratch = hyperscan.Scratch(self._db)
+            return False
+        with self._lock:
+            if self._db is None:
+                db = hyperscan.Database()
+                db.compile(expressions=[a.pattern for a in self.anchors],
+                           ids=list(range(len(self.anchors))), elements=len(self.anchors),
+                           flags=[a.flags for a in self.anchors])
+                self._scratch = hyperscan.Scratch(db)
+                self._db = db
+        return True
 
     def _thread_scratch(self) -> Any:
         try:
@@ -147,7 +165,7 @@ class Scanner:
         """None when the anchors are more than ``MAX_HITS`` (a text that dense costs less to
         scan whole, pattern by pattern, than to hand a Python callback every anchor), or
         without Hyperscan."""
-        if self._db is None:
+        if self._db is None and not self.compile():
             return None
         hits: list[tuple[int, int]] = []
         add = hits.append

@@ -21,7 +21,7 @@ from serving.domain.outcome import Decisions
 from serving.domain.policy import Policy
 from serving.errors import InspectionTooLong, InvalidRequest
 from serving.metrics import GatewayMetrics
-from serving.protection import guards
+from serving.protection import guards, prefilter
 from serving.protection.output import OutputFilter
 from serving.protection.pii import Detector, ScanTooLong
 from serving.protection.redaction import Redactor
@@ -51,6 +51,7 @@ def _within(texts: Iterable[str], deadline: float | None) -> Iterator[str]:
 class Protector:
     def __init__(self, metrics: GatewayMetrics) -> None:
         self.metrics = metrics
+        prefilter.warm()  # compiled now, not on the first request
 
     def _count(self, guard: str, action: str, kind: str, n: int = 1) -> None:
         self.metrics.count_guard(guard, action, kind, n)
