@@ -22,7 +22,7 @@ from serving.bench.run import Cell, _measure
 from serving.contract.walk import slots
 from serving.domain.policy import Policy
 from serving.metrics import GatewayMetrics
-from serving.protection import guards
+from serving.protection import guards, prefilter
 from serving.protection.pii import Detector
 from serving.protection.protector import Protector
 from serving.upstream.sse import StreamAccountant
@@ -71,6 +71,7 @@ def _per_call_us(fn: Callable[[], object], seconds: float = 1.0) -> float:
 def inprocess(seconds: float = 1.0) -> dict[str, float]:
     """Microseconds: detector and injection guard per KB; output filter per streamed chunk
     (the accountant alone as the baseline)."""
+    prefilter.warm()  # as the gateway does at start: not timed
     detector = Detector()
     plain = ("The committee reviewed the proposal and agreed to continue the pilot for three "
              "more months, with a report due in the spring. " * 10)[:1024]
