@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from serving.bench import cpu, stores, targets, wrk
+from serving.bench.run import median_cell
 
 # Sentences of ordinary business prose, none holding personal data.
 _PROSE = (
@@ -164,12 +165,10 @@ def measure(found: dict[str, targets.Target], plan: list[Case], concurrencies: l
                     say(f"{case.name}, c={c}, round {r + 1}/{rounds}: {name}")
                     raw[name].append(_run(target, body, c, seconds))
             for name, runs in raw.items():
-                cells.append(Cell(
-                    case.name, case.size_kb, case.dense, case.stream, name, c,
-                    statistics.median(w.rps for w, _ in runs),
-                    statistics.median(w.p50_ms for w, _ in runs),
-                    statistics.median(w.p99_ms for w, _ in runs),
-                    sum(w.errors for w, _ in runs), statistics.median(u for _, u in runs)))
+                m = median_cell(name, c, [w for w, _ in runs])
+                cells.append(Cell(case.name, case.size_kb, case.dense, case.stream, name, c,
+                                  m.rps, m.p50_ms, m.p99_ms, m.errors,
+                                  statistics.median(u for _, u in runs)))
     return cells
 
 

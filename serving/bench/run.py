@@ -36,7 +36,7 @@ class Cell:
     errors: int
 
 
-def _median_cell(target: str, c: int, results: list[wrk.Result]) -> Cell:
+def median_cell(target: str, c: int, results: list[wrk.Result]) -> Cell:
     return Cell(target, c, statistics.median(r.rps for r in results),
                 statistics.median(r.p50_ms for r in results),
                 statistics.median(r.p99_ms for r in results), sum(r.errors for r in results))
@@ -53,7 +53,7 @@ def _measure(plan: dict[str, tuple[str, str | None]], body: str, concurrencies: 
             for name, (url, key) in plan.items():
                 say(f"c={c} round {r + 1}/{rounds}: {name}")
                 raw[name].append(wrk.run(url, body, c, seconds, key))
-        cells += [_median_cell(name, c, results) for name, results in raw.items()]
+        cells += [median_cell(name, c, results) for name, results in raw.items()]
     return cells
 
 

@@ -192,14 +192,17 @@ def bench_models(root: Path, ports: dict[str, int], models_dir: Path,
     return out
 
 
-# Every guard on, with limits far above what a benchmark reaches: each request is checked
-# against them, counted in Redis or memory, and reserved and settled in the ledger.
-BENCH_POLICIES = """
+# Authentication and the model allowlist only: what any gateway does.
+AUTH_ONLY_POLICIES = """
 version: 1
 policies:
   bench:
     models: [demo-chat, demo-stream]
     scopes: [chat, models]
+"""
+# Every guard on, with limits far above what a benchmark reaches: each request is checked
+# against them, counted in Redis or memory, and reserved and settled in the ledger.
+BENCH_POLICIES = AUTH_ONLY_POLICIES + """\
     caps: {max_tokens: 1024, n: 1, body_bytes: 65536, messages: 64}
     limits: {requests_per_minute: 100000000, tokens_per_minute: 1000000000, concurrent: 100000}
     budgets: {tokens_per_day: 1000000000000, tokens_per_month: 1000000000000}
@@ -215,14 +218,6 @@ PROTECTED_POLICIES = BENCH_POLICIES + """\
 """
 # Every guard the gateway has, the audit keeping the full text encrypted (AES-256-GCM).
 EVERY_GUARD_POLICIES = PROTECTED_POLICIES.replace("content: redacted", "content: encrypted")
-# Authentication and the model allowlist only: what any gateway does.
-AUTH_ONLY_POLICIES = """
-version: 1
-policies:
-  bench:
-    models: [demo-chat, demo-stream]
-    scopes: [chat, models]
-"""
 
 
 @contextlib.contextmanager

@@ -6,11 +6,10 @@ Hyperscan, reading bytes, would not without the shadow)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from serving.protection import guards, pii, prefilter
+from tests.support.texts import pieced
 
 PIECES = ["jane.doe@example.com", "4111 1111 1111 1111", "FR76 3000 6000 0112 3456 7890 189",
           "+33 6 12 34 56 78", "192.168.10.20", "fe80::1ff:fe23:4567:890a", "078-05-1120",
@@ -30,14 +29,7 @@ PIECES = ["jane.doe@example.com", "4111 1111 1111 1111", "FR76 3000 6000 0112 34
 
 
 def text(seed: int, size: int) -> str:
-    rng = random.Random(seed)
-    out: list[str] = []
-    length = 0
-    while length < size:
-        piece = rng.choice(PIECES)
-        out.append(piece)
-        length += len(piece)
-    sample = "".join(out)
+    sample = pieced(PIECES, seed, size)
     # Mostly ASCII, or the scanner sends the text to a whole scan (tested on its own below).
     extra = len(sample.encode("utf-8", "surrogatepass")) - len(sample)
     return sample + " plain words" * (extra * 8 // 12 + 1)

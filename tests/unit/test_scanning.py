@@ -4,13 +4,13 @@ matches across the windows' edges."""
 
 from __future__ import annotations
 
-import random
 import re
 import time
 
 import pytest
 
 from serving.protection import guards, pii, scanning
+from tests.support.texts import pieced
 
 PATTERNS = {f"{rule.type}:{i}": rule.pattern for i, rule in enumerate(pii._RULES)
             if rule.stepped} | {
@@ -26,14 +26,7 @@ PIECES = ["jane.doe@example.com", "4111 1111 1111 1111", "FR76 3000 6000 0112 34
 
 
 def text(seed: int, size: int) -> str:
-    rng = random.Random(seed)
-    out: list[str] = []
-    length = 0
-    while length < size:
-        piece = rng.choice(PIECES)
-        out.append(piece)
-        length += len(piece)
-    return "".join(out)
+    return pieced(PIECES, seed, size)
 
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
