@@ -28,7 +28,10 @@ DEP = "demo-chat-v1"
 
 
 def snapshot(engines: Engines) -> tuple[float, float]:
-    return (engines.metric(DEP, "vllm:request_success_total"),
+    # Requests that ran to their length (ignore_eos: the only way to finish without an abort).
+    # vLLM also counts some aborted requests here, under finished_reason="abort": summed with
+    # them, an abort read as a completion now and then.
+    return (engines.metric(DEP, "vllm:request_success_total", finished_reason="length"),
             engines.metric(DEP, "vllm:generation_tokens_total"))
 
 
