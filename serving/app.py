@@ -30,6 +30,8 @@ from serving.routes.middleware import RequestMiddleware
 from serving.settings import Settings, is_allowed_engine_host
 from serving.storage.manifests import load_manifests
 from serving.upstream.pool import EnginePool
+from serving.upstream.replicas import EjectionPolicy
+from serving.upstream.tls import client_context
 
 
 def create_app(settings: Settings, *, engine_host: str | None = None,
@@ -52,7 +54,16 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
                                check_jwks_url(settings.oidc_jwks_url),
                                settings.oidc_client_claim)
     metrics = GatewayMetrics()
-    pool = EnginePool(manifests, engine_host=engine_host)
+    pool = EnginePool(
+        manifests, engine_host=engine_host,
+        ejection=EjectionPolicy(settings.ejection_failures, settings.ejection_base_s,
+                                settings.ejection_max_s),
+        retry_ratio=settings.upstream_retry_budget,
+        allow_plaintext=settings.allow_plaintext_engines,
+        allow_public=settings.allow_remote_engines,
+        resolve_interval_s=settings.endpoint_resolve_interval_s)  # raises ValueError
+    pool.ssl = client_context(settings.engine_ca_file, settings.engine_cert_file,
+                              settings.engine_key_file)
     policies = PolicyStore(settings.policies_file, set(pool.routes))  # raises PolicyError
     trail = AuditTrail(settings, metrics)
 

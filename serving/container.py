@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -37,11 +38,12 @@ from serving.storage.db import create_engine
 from serving.storage.keys import KeyRepository
 from serving.storage.ledger import LedgerRepository
 from serving.storage.signing import SigningKeyRepository
+from serving.tracing import Tracing
 from serving.upstream.client import Upstream, new_session
 from serving.upstream.pool import EnginePool
 
 log = logging.getLogger("enclave.gateway")
-SessionFactory = Callable[[Settings], aiohttp.ClientSession]
+SessionFactory = Callable[[Settings, ssl.SSLContext | None], aiohttp.ClientSession]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +89,13 @@ class Services:
     offload: Offload
     audit: AuditTrail
     upstream: Upstream
+    tracing: Tracing
 
 
-def default_session(settings: Settings) -> aiohttp.ClientSession:
+def default_session(settings: Settings, tls: ssl.SSLContext | None = None
+                    ) -> aiohttp.ClientSession:
     return new_session(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
-                       settings.upstream_keepalive_s)
+                       settings.upstream_keepalive_s, tls)
 
 
 @contextlib.asynccontextmanager
@@ -112,7 +116,11 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
     # Health checks and JWKS fetches go through httpx; proxied requests through aiohttp.
     client = httpx.AsyncClient(timeout=5.0, transport=transport, trust_env=False,
                                follow_redirects=False)
-    session = session_factory(settings)
+    session = session_factory(settings, pool.ssl)
+    # Engine health and load go through their own client: the engines' private CA.
+    engine_client = httpx.AsyncClient(timeout=5.0, transport=transport, trust_env=False,
+                                      follow_redirects=False,
+                                      verify=pool.ssl if pool.ssl is not None else True)
     # A concurrency slot in Redis outlives any request; one left by a dead gateway expires.
     limiter = RateLimiter(settings.redis_url,
                           lease_ttl_s=max(600.0, 5 * settings.upstream_read_timeout_s))
@@ -120,6 +128,9 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
     ledger = BudgetLedger(state.ledger, settings.reservation_ttl_s)
     ledger.start()
     await state.issuer.start()
+    tracing = Tracing(settings.otlp_endpoint, sample_ratio=settings.otlp_sample_ratio,
+                      resource={"enclave.gateway": f"{settings.host}:{settings.port}",
+                                "enclave.worker": settings.worker or 0})
     offload = Offload(settings.inspect_workers, settings.inspect_inline_bytes)
     offload.share_the_interpreter()
     services = Services(
@@ -127,12 +138,16 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         clients=state.clients, ledger=ledger, issuer=state.issuer,
         tokens=TokenVerifier(state.issuer, external, client),
         gate=Gatekeeper(policies, limiter, ledger, metrics), protector=Protector(metrics),
-        offload=offload, audit=trail,
-        upstream=Upstream(session, pool, retry_after_s=settings.retry_after_s,
-                          connect_retries=settings.upstream_connect_retries))
-    await pool.check_all(client)
+        offload=offload, audit=trail, tracing=tracing,
+        upstream=Upstream(session, pool, metrics, retry_after_s=settings.retry_after_s,
+                          max_attempts=settings.upstream_max_attempts,
+                          first_byte_timeout_s=settings.upstream_first_byte_timeout_s))
+    metrics.prime({name: [r.name for r in route.replicas] for name, route in pool.routes.items()})
+    await pool.check_all(engine_client)
     background = [
-        asyncio.create_task(pool.watch(client, settings.engine_health_interval_s)),
+        asyncio.create_task(pool.watch(engine_client, settings.engine_health_interval_s)),
+        asyncio.create_task(pool.keep_resolved()),
+        asyncio.create_task(pool.follow_supervisor(settings.resolved_supervisor_socket)),
         asyncio.create_task(policies.watch(settings.policy_reload_interval_s)),
         asyncio.create_task(ledger.keep_swept(settings.ledger_sweep_interval_s)),
         asyncio.create_task(ledger.keep_leases(settings.reservation_ttl_s)),
@@ -157,9 +172,11 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         await state.keys.flush_last_used()
         await limiter.close()
         await client.aclose()
+        await engine_client.aclose()
         await session.close()
         await db.dispose()
         offload.close()
+        await tracing.aclose()
         await trail.close()  # the last records, a signed checkpoint, fsync
 
 

@@ -142,8 +142,9 @@ _fast: BufferedHandler | None = None
 _access_logger = logging.getLogger("enclave.access")
 
 
-_ACCESS_FIELDS = ("key_id", "client_id", "model", "engine", "prompt_tokens",
-                  "completion_tokens", "reserved_tokens", "charged_tokens", "error_code")
+_ACCESS_FIELDS = ("key_id", "client_id", "model", "served_model", "fallback_reason", "engine",
+                  "prompt_tokens", "completion_tokens", "reserved_tokens", "charged_tokens",
+                  "error_code")
 
 
 def access_fields(outcome: Outcome, method: str, path: str) -> dict[str, Any]:
@@ -166,6 +167,11 @@ def access_fields(outcome: Outcome, method: str, path: str) -> dict[str, Any]:
         fields["ttft_ms"] = round(outcome.ttft_s * 1000, 2)
     if outcome.client_disconnected:
         fields["client_disconnected"] = True
+    if outcome.attempts > 1:
+        fields["attempts"] = outcome.attempts
+        fields["retried"] = list(outcome.retried)
+    if outcome.idempotent_replay:
+        fields["idempotent_replay"] = True
     return fields
 
 

@@ -34,7 +34,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 _DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_M = TypeVar("_M", Counter, Histogram)
+_M = TypeVar("_M", Counter, Histogram, Gauge)
 
 
 def share_between_processes(directory: Path) -> None:
@@ -95,6 +95,48 @@ class GatewayMetrics:
         self.audit_queue = Gauge(
             "enclave_audit_queue", "Audit records waiting to be written.", registry=r,
             multiprocess_mode="livesum")
+        replica = ["model", "deployment", "replica"]
+        self.replica_routable = Gauge(
+            "enclave_replica_routable", "1 when the replica may get new requests (healthy, not "
+            "ejected, not draining); the least of the workers'.", replica, registry=r,
+            multiprocess_mode="livemin")
+        self.replica_ejected = Gauge(
+            "enclave_replica_ejected", "1 while the replica is passively ejected (by any "
+            "worker).", replica, registry=r, multiprocess_mode="livemax")
+        self.replica_draining = Gauge(
+            "enclave_replica_draining", "1 while an operator or the supervisor drains it.",
+            replica, registry=r, multiprocess_mode="livemax")
+        self.replica_in_flight = Gauge(
+            "enclave_replica_in_flight", "Requests this gateway has outstanding on the "
+            "replica.", replica, registry=r, multiprocess_mode="livesum")
+        self.model_replicas = Gauge(
+            "enclave_model_replicas", "Replicas known for the model.", ["model"], registry=r,
+            multiprocess_mode="livemostrecent")
+        self.model_replicas_routable = Gauge(
+            "enclave_model_replicas_routable", "Replicas of the model that may get requests.",
+            ["model"], registry=r, multiprocess_mode="livemostrecent")
+        self.attempts = Counter(
+            "enclave_upstream_attempts", "Attempts sent to replicas, by outcome: ok, engine_4xx, "
+            "engine_5xx, connect_error, connect_timeout, first_byte_timeout, broken, "
+            "client_gone.", ["model", "replica", "outcome"], registry=r)
+        self.retries = Counter(
+            "enclave_upstream_retries", "Attempts retried on another replica, by the failed "
+            "attempt's outcome.", ["model", "reason"], registry=r)
+        self.budget_exhausted = Counter(
+            "enclave_retry_budget_exhausted", "Retries wanted but refused by the model's retry "
+            "budget.", ["model"], registry=r)
+        self.ejections = Counter(
+            "enclave_replica_ejections", "Replicas passively ejected, by reason.",
+            ["model", "replica", "reason"], registry=r)
+        self.affinity = Counter(
+            "enclave_affinity", "Prefix-affinity decisions: hit, miss, overloaded.",
+            ["model", "result"], registry=r)
+        self.fallbacks = Counter(
+            "enclave_fallbacks", "Requests answered by a fallback model because every replica "
+            "of the model was out.", ["model", "fallback"], registry=r)
+        self.idempotent_replays = Counter(
+            "enclave_idempotent_replays", "Requests answered from a stored answer (same "
+            "Idempotency-Key and body).", ["model"], registry=r)
         self.client_disconnects = Counter(
             "enclave_client_disconnects", "Requests the client abandoned before the end.",
             ["endpoint", "model"], registry=r)
@@ -122,6 +164,42 @@ class GatewayMetrics:
 
     def count_rejection(self, client: str, reason: str) -> None:
         self._child(self.rejections, client, reason).inc()
+
+    def prime(self, models: dict[str, list[str]]) -> None:
+        """Every model's routing counters at 0 from the start (``models``: model → replica
+        names), so the first retry, ejection or fallback is an increase Prometheus sees."""
+        for model, replicas in models.items():
+            self._child(self.retries, model, "engine_5xx")
+            self._child(self.budget_exhausted, model)
+            self._child(self.affinity, model, "hit")
+            self._child(self.idempotent_replays, model)
+            for replica in replicas:
+                self._child(self.attempts, model, replica, "ok")
+                self._child(self.ejections, model, replica, "engine_5xx")
+            for other in models:
+                if other != model:
+                    self._child(self.fallbacks, model, other)
+
+    def count_attempt(self, model: str, replica: str, outcome: str) -> None:
+        self._child(self.attempts, model, replica, outcome).inc()
+
+    def count_retry(self, model: str, reason: str) -> None:
+        self._child(self.retries, model, reason).inc()
+
+    def count_budget_exhausted(self, model: str) -> None:
+        self._child(self.budget_exhausted, model).inc()
+
+    def count_ejection(self, model: str, replica: str, reason: str) -> None:
+        self._child(self.ejections, model, replica, reason).inc()
+
+    def count_affinity(self, model: str, result: str) -> None:
+        self._child(self.affinity, model, result).inc()
+
+    def count_fallback(self, model: str, fallback: str) -> None:
+        self._child(self.fallbacks, model, fallback).inc()
+
+    def count_replay(self, model: str) -> None:
+        self._child(self.idempotent_replays, model).inc()
 
     def count_client_tokens(self, client: str, model: str, tokens: int) -> None:
         self._child(self.client_tokens, client, model).inc(tokens)

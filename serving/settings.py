@@ -111,7 +111,37 @@ class Settings(BaseSettings):
     inspect_workers: int = Field(2, ge=1, le=64, description="Worker threads for large bodies")
     upstream_connect_timeout_s: float = Field(2.0, gt=0)
     upstream_read_timeout_s: float = Field(120.0, gt=0)
-    upstream_connect_retries: int = Field(2, ge=0, le=10)
+    upstream_first_byte_timeout_s: float = Field(
+        10.0, gt=0, description="An attempt without its first byte (a stream's first chunk, "
+        "an answer's headers) is abandoned and retried elsewhere once this long has passed "
+        "since the later of its start and the replica's last sign of life (a health check "
+        "answered): a hung engine loses its requests, a live one generating a long answer "
+        "does not. Also ends a stream whose engine stops answering mid-way")
+    upstream_max_attempts: int = Field(
+        3, ge=1, le=10, description="Attempts per request, on different replicas")
+    upstream_retry_budget: float = Field(
+        0.2, ge=0, le=1, description="Retries per model, as a share of requests: each "
+        "request earns this much of a retry (a refused connection retries for free)")
+    ejection_failures: int = Field(
+        3, ge=1, description="Consecutive engine 5xx or broken connections that eject a "
+        "replica (a refused connection or a first-byte timeout ejects at once)")
+    ejection_base_s: float = Field(
+        1.0, gt=0, description="The first ejection's length; each one in a row doubles it")
+    ejection_max_s: float = Field(30.0, gt=0)
+    engine_ca_file: Path | None = Field(
+        None, description="The private CA that signs the engines' TLS certificates (https "
+        "endpoints); default the system's")
+    engine_cert_file: Path | None = Field(
+        None, description="The gateway's client certificate for mutual TLS with engines")
+    engine_key_file: Path | None = Field(None, description="Its private key")
+    allow_plaintext_engines: bool = Field(
+        False, description="Allow http:// endpoints off loopback: prompts cross the network "
+        "in clear; only inside a closed network")
+    endpoint_resolve_interval_s: float = Field(
+        5.0, gt=0, description="Engine endpoints given by name are re-resolved this often")
+    supervisor_socket: Path | None = Field(
+        None, description="The engine supervisor's control socket, for replica events the "
+        "moment they happen; default <data_dir>/run/supervisor.sock (when it exists)")
     upstream_keepalive_s: float = Field(
         4.0, gt=0, description="Idle pooled connections to engines close after this; keep it "
         "below the engines' own keep-alive (vLLM: 5 s), so the gateway never sends on a "
@@ -131,6 +161,12 @@ class Settings(BaseSettings):
     worker: int | None = Field(
         None, ge=0, description="Set by `enclave gateway --workers N` for each worker process "
         "(its audit chain and metrics are its own); not set by hand")
+    otlp_endpoint: str | None = Field(
+        None, description="An OpenTelemetry collector's OTLP/HTTP base URL (e.g. "
+        "http://10.0.0.5:4318): spans of each inference request, its admission and each "
+        "upstream attempt are exported there; unset, only the client's traceparent is passed on")
+    otlp_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of requests without a sampled parent that are traced")
     log_level: str = "INFO"
     access_log: bool = True
 
@@ -169,6 +205,8 @@ class Settings(BaseSettings):
             raise ValueError("ENCLAVE_OIDC_ISSUER must differ from ENCLAVE_OAUTH_ISSUER")
         if self.ops_port is not None and self.ops_port == self.port:
             raise ValueError("ENCLAVE_OPS_PORT must differ from ENCLAVE_PORT")
+        if (self.engine_cert_file is None) != (self.engine_key_file is None):
+            raise ValueError("ENCLAVE_ENGINE_CERT_FILE and ENCLAVE_ENGINE_KEY_FILE go together")
         if self.redis_url is not None and not self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://")):
             raise ValueError("ENCLAVE_REDIS_URL must start with redis://, rediss:// or unix://")
@@ -187,6 +225,10 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def resolved_supervisor_socket(self) -> Path:
+        return self.supervisor_socket or self.run_dir / "supervisor.sock"
 
     @property
     def resolved_audit_dir(self) -> Path:

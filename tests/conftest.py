@@ -38,7 +38,8 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
 
 @pytest.fixture(scope="session")
 def gateway(engines: Engines, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
-    settings = gateway_settings(tmp_path_factory.mktemp("gateway"), engines.models_dir)
+    settings = gateway_settings(tmp_path_factory.mktemp("gateway"), engines.models_dir,
+                                supervisor_socket=engines.socket)
     gw = GatewayServer(settings).start()
     try:
         yield gw

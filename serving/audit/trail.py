@@ -70,6 +70,14 @@ def build_record(outcome: Outcome) -> dict[str, Any]:
         "ttft_ms": round(o.ttft_s * 1000, 2) if o.ttft_s is not None else None,
         "client_disconnected": o.client_disconnected,
     }
+    if o.served_model is not None:  # a fallback answered: which, and why
+        record["served_model"] = o.served_model
+        record["fallback_reason"] = o.fallback_reason
+    if o.attempts > 1:
+        record["attempts"] = o.attempts
+        record["retried"] = list(o.retried)
+    if o.idempotent_replay:
+        record["idempotent_replay"] = True
     if o.decisions:
         record["decisions"] = o.decisions
     if o.audit_content != "none" and o.request_text is not None:

@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from serving import server
+from serving.engines.control import ControlServer, socket_path
 from serving.engines.supervisor import Supervisor
 from serving.settings import Settings
 
@@ -40,8 +41,11 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    control = None
     if supervisor is not None:
         await supervisor.start()
+        control = ControlServer(supervisor, socket_path(settings.run_dir))
+        await control.start()
     gateway = gateway_server(app, settings) if app is not None else None
     tasks: list[asyncio.Task[object]] = []
     if gateway is not None:
@@ -51,6 +55,8 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
             log.error("cannot listen", extra={"error": str(exc)})
             if supervisor is not None:
                 await supervisor.stop()
+            if control is not None:
+                await control.close()
             return 1
         tasks.append(asyncio.create_task(gateway.serve(sockets=sockets)))
 
@@ -75,6 +81,8 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
         if not stop.is_set():
             code = 1  # the gateway stopped by itself (port in use, start-up failure)
     if supervisor is not None:
-        await supervisor.stop()
+        await supervisor.stop()  # gateways watching the socket hear each replica drain
+    if control is not None:
+        await control.close()
     stopper.cancel()
     return code

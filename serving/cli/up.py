@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -20,6 +21,8 @@ from serving.cli.sidecar import ExporterProcess
 from serving.cli.workers import FDS_ENV, die_with_parent, supervise
 from serving.contract.completeness import gaps
 from serving.domain.manifest import ManifestError
+from serving.engines.control import request as control_request
+from serving.engines.control import socket_path
 from serving.engines.sources import resolve_model_dir, vllm_fields
 from serving.engines.supervisor import Supervisor, WeightsError, state_file
 from serving.metrics import share_between_processes
@@ -205,6 +208,41 @@ def engines_health() -> None:
             unhealthy.append(name)
     if unhealthy or not states:
         raise SystemExit(1)
+
+
+def _control(settings: Settings, message: dict[str, object]) -> dict[str, object]:
+    path = socket_path(settings.run_dir)
+    try:
+        answer = asyncio.run(control_request(path, message))
+    except OSError as exc:
+        fail(f"cannot reach the engine supervisor at {path} ({exc.strerror or exc}); is "
+             "`enclave engines run` (or `enclave up`) running with this data directory?")
+    if "error" in answer:
+        fail(str(answer["error"]))
+    return answer
+
+
+@engines.command("drain")
+@click.argument("replica")
+@click.option("--deadline", type=click.FloatRange(0, 3600), default=300, show_default=True,
+              help="Seconds to wait for the engine to finish its requests before stopping it "
+              "anyway (its --shutdown-timeout still applies).")
+def engines_drain(replica: str, deadline: float) -> None:
+    """Stop a replica without failing a request: gateways send it nothing new, and it stops
+    once the engine has finished what it has. It stays stopped until `enclave engines start`."""
+    answer = _control(load_settings(), {"op": "drain", "replica": replica,
+                                        "deadline_s": deadline})
+    idle = "idle" if answer.get("idle_at_stop") else "deadline passed, stopped anyway"
+    stdout.print(f"{replica} drained and stopped after {answer.get('waited_s')} s ({idle})",
+                 markup=False)
+
+
+@engines.command("start")
+@click.argument("replica")
+def engines_start(replica: str) -> None:
+    """Run a drained replica again."""
+    answer = _control(load_settings(), {"op": "start", "replica": replica})
+    stdout.print(f"{replica} {answer.get('state')}", markup=False)
 
 
 @engines.command("run")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -18,6 +19,7 @@ NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 # vLLM's development endpoints.
 OWNED_ENGINE_ARGS = frozenset({
     "--host", "--port", "--model", "--served-model-name", "--api-key", "--uds",
+    "--shutdown-timeout",
     "--enable-server-load-tracking", "--allow-credentials", "--allowed-origins",
 })
 # Flags that would let a request do what the gateway's contract refuses (a template or
@@ -70,14 +72,90 @@ class Source(BaseModel):
         return self
 
 
+class Endpoint(BaseModel):
+    """An engine (or a fleet of them) this host does not supervise.
+
+    ``url`` is ``https://host:port`` (``http://`` only where the gateway allows plain text to
+    engines). A host given as an address is one replica; a name is re-resolved every few
+    seconds and each of its private addresses is a replica (a Kubernetes headless service, an
+    internal DNS name for a fleet)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _plain_origin(cls, url: str) -> str:
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("http", "https"):
+            raise ValueError("an endpoint url starts with https:// (or http://)")
+        if not parsed.hostname or parsed.port is None:
+            raise ValueError("an endpoint url names a host and a port: https://host:port")
+        if parsed.username or parsed.password or parsed.query or parsed.fragment or (
+                parsed.path not in ("", "/")):
+            raise ValueError("an endpoint url is scheme://host:port, nothing more")
+        return url.rstrip("/")
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 0
+
+
 class Engine(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    port: int = Field(ge=1024, le=65535)
+    port: int = Field(ge=1024, le=65535, description="The first local replica's port; "
+                      "replica i listens on port + i")
     max_model_len: int = Field(ge=16)
     args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     startup_timeout_s: float = Field(600.0, gt=0)
+    replicas: int = Field(1, ge=0, le=64, description="Engines this host supervises")
+    devices: list[str] = Field(
+        default_factory=list, description="GPU devices for the local replicas, handed out "
+        "devices_per_replica at a time in order (CUDA_VISIBLE_DEVICES)")
+    devices_per_replica: int = Field(1, ge=1, le=16)
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    shutdown_timeout_s: int = Field(
+        60, ge=0, description="vLLM's --shutdown-timeout: on SIGTERM, requests in flight get "
+        "this long to finish")
+
+    @model_validator(mode="after")
+    def _replicas_fit(self) -> Engine:
+        if self.replicas == 0 and not self.endpoints:
+            raise ValueError("a version needs replicas >= 1 or at least one endpoint")
+        if self.port + max(self.replicas, 1) - 1 > 65535:
+            raise ValueError(f"replicas use ports {self.port}..{self.port + self.replicas - 1}, "
+                             "past 65535")
+        if self.devices:
+            wanted = self.replicas * self.devices_per_replica
+            if len(self.devices) < wanted:
+                raise ValueError(f"{self.replicas} replicas of {self.devices_per_replica} "
+                                 f"device(s) need {wanted} devices; {len(self.devices)} listed")
+            if len(set(self.devices)) != len(self.devices):
+                raise ValueError("devices repeat")
+            if "CUDA_VISIBLE_DEVICES" in self.env:
+                raise ValueError("set devices or env.CUDA_VISIBLE_DEVICES, not both")
+        urls = [e.url for e in self.endpoints]
+        if len(set(urls)) != len(urls):
+            raise ValueError("endpoints repeat")
+        return self
+
+    def local_replicas(self) -> list[tuple[int, int, str | None]]:
+        """(index, port, CUDA_VISIBLE_DEVICES or None) of each local replica."""
+        n = self.devices_per_replica
+        return [(i, self.port + i,
+                 ",".join(self.devices[i * n:(i + 1) * n]) if self.devices else None)
+                for i in range(self.replicas)]
 
     @field_validator("args")
     @classmethod
@@ -119,6 +197,19 @@ class Version(BaseModel):
         return sums
 
 
+class Routing(BaseModel):
+    """How the gateway spreads a model's requests over its replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefix_affinity: bool | None = Field(
+        default=None, description="Requests sharing a prompt prefix prefer the replica that served "
+        "it (vLLM's prefix cache), bounded by load; default on for chat models")
+    engine_load: bool = Field(
+        default=True, description="Refine least-outstanding picking with the engines' own queue "
+        "length and KV-cache use (their /metrics, scraped at most every second)")
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -127,6 +218,12 @@ class Manifest(BaseModel):
     description: str = ""
     versions: list[Version] = Field(min_length=1)
     traffic: dict[str, int]
+    routing: Routing = Field(default_factory=Routing)
+
+    @property
+    def prefix_affinity(self) -> bool:
+        setting = self.routing.prefix_affinity
+        return self.task == "chat" if setting is None else setting
 
     @model_validator(mode="after")
     def _traffic_matches_versions(self) -> Manifest:
@@ -162,3 +259,7 @@ class Deployment(BaseModel):
     @property
     def port(self) -> int:
         return self.version.engine.port
+
+    def replica_name(self, index: int) -> str:
+        """A local replica's name: ``demo-chat-v1/r0``."""
+        return f"{self.name}/r{index}"

@@ -12,7 +12,9 @@ Each fact of the context is written once, by the code that owns it:
     model, request_text, stream               intake (pipeline.intake)
     reserved_tokens                           the inference entry, after admission
     forwarding, engine, version,
-    upstream_status, prompt_tokens,
+    served_model, fallback_reason,
+    attempts, retried, upstream_status,
+    prompt_tokens,
     completion_tokens, ttft_s,
     client_disconnected, response_text        the relay (routes.relay)
     charged_tokens                            the gate's settlement (admission.gate)
@@ -81,6 +83,11 @@ class Outcome:
     model: str | None = None
     engine: str | None = None
     version: str | None = None
+    served_model: str | None = None
+    fallback_reason: str | None = None
+    attempts: int = 0
+    retried: tuple[str, ...] = ()
+    idempotent_replay: bool = False
     stream: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -121,8 +128,13 @@ class RequestContext:
     request_text: str | None = None
     reserved_tokens: int | None = None
     forwarding: bool = False  # the request was handed to an engine
-    engine: str | None = None
+    engine: str | None = None  # the replica that served the request
     version: str | None = None  # the model version that served the request
+    served_model: str | None = None  # set when a fallback model answered instead of ``model``
+    fallback_reason: str | None = None  # why: every replica of ``model`` was out
+    attempts: int = 0  # upstream attempts made
+    retried: list[str] = field(default_factory=list)  # each failed attempt's outcome
+    idempotent_replay: bool = False  # answered from an earlier request's stored answer
     upstream_status: int | None = None  # the engine's HTTP status, once it answered
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -139,7 +151,10 @@ class RequestContext:
             request_id=self.request_id, endpoint=self.endpoint, status=status,
             duration_s=time.perf_counter() - self.started, wall_time=time.time(),
             trace_id=self.trace_id, key_id=self.key_id, client_id=self.client_id,
-            model=self.model, engine=self.engine, version=self.version, stream=self.stream,
+            model=self.model, engine=self.engine, version=self.version,
+            served_model=self.served_model, fallback_reason=self.fallback_reason,
+            attempts=self.attempts, retried=tuple(self.retried),
+            idempotent_replay=self.idempotent_replay, stream=self.stream,
             prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
             reserved_tokens=self.reserved_tokens, charged_tokens=self.charged_tokens,
             ttft_s=self.ttft_s, error_code=self.error_code,

@@ -138,6 +138,22 @@ class Policy(_Strict):
     pii: DataProtection = Field(default_factory=DataProtection)
     audit: AuditPolicy = Field(default_factory=AuditPolicy)
     guards: Guards = Field(default_factory=Guards)
+    fallbacks: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="Per model, the models that answer in its place, in "
+        "order, when none of its replicas is available; each must be one this policy allows")
+
+    @model_validator(mode="after")
+    def _fallbacks_allowed(self) -> Policy:
+        for model, fallbacks in self.fallbacks.items():
+            for fallback in fallbacks:
+                if fallback == model:
+                    raise ValueError(f"fallbacks.{model}: a model cannot fall back to itself")
+                if not self.allows_model(fallback):
+                    raise ValueError(f"fallbacks.{model}: '{fallback}' is not in this policy's "
+                                     "models; a fallback cannot widen what a client may use")
+            if len(set(fallbacks)) != len(fallbacks):
+                raise ValueError(f"fallbacks.{model}: models repeat")
+        return self
 
     @model_validator(mode="after")
     def _admin_alone(self) -> Policy:

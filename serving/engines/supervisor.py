@@ -1,15 +1,19 @@
-"""The engine supervisor: one vLLM OpenAI server per deployment, kept alive.
+"""The engine supervisor: the local replicas of every deployment, each a vLLM server, kept alive.
 
 For each deployment in the manifests it resolves and verifies the weights (sha256 pinned in the
-manifest), starts ``python -m vllm.entrypoints.openai.api_server`` from the engine environment on
-loopback with the manifest's arguments, waits for ``/health``, and restarts an engine that dies
-or never becomes healthy, with exponential backoff and a log line that says why. ``stop()`` ends
-them all: SIGTERM to each engine's process group, SIGKILL after a grace period.
+manifest) and runs ``replicas`` engines (``python -m vllm.entrypoints.openai.api_server`` from
+the engine environment, on ``port + i``, pinned to their own GPUs by ``CUDA_VISIBLE_DEVICES``
+when the manifest lists devices). It waits for ``/health`` and restarts a replica that dies or
+never becomes healthy, with exponential backoff and a log line that says why. Every engine gets
+``--shutdown-timeout``: on SIGTERM it finishes the requests it has instead of aborting them.
 
 Each engine runs in its own session (process group), so a terminal's Ctrl-C reaches only the
 supervisor, which then stops engines in order; and an engine's worker processes die with it.
-The supervisor writes ``engines.json`` (pid, port, state, restarts per deployment) for the
-tools that need to map processes to deployments (the GPU exporter, tests).
+The supervisor writes ``engines.json`` (pid, port, state, restarts per replica) for the tools
+that need to map processes to replicas (the GPU exporter, tests), and serves a control socket
+(``control.py``): gateways watching it learn at once when a replica starts, becomes healthy,
+starts draining or exits; operators drain a replica (no new requests, stopped once the engine
+has nothing left to do) and start it again.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ log = logging.getLogger("enclave.supervisor")
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # an engine healthy this long has its backoff reset
-STOP_GRACE_S = 15.0
+STOP_GRACE_S = 15.0  # past the engine's own --shutdown-timeout
+DRAIN_SETTLE_S = 1.0  # gateways have stopped picking a draining replica by then
 # Environment for every engine: offline, and no usage statistics sent anywhere.
 ENGINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -105,25 +110,33 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     os.setsid()
 
 
-@dataclass
+@dataclass(eq=False)
 class EngineProcess:
+    """One local replica of a deployment."""
+
     deployment: Deployment
+    index: int
+    port: int
+    devices: str | None
     model_dir: Path
     host: str
     log_path: Path
-    state: str = "stopped"  # starting | healthy | backoff | failed | stopped
+    # starting | healthy | draining | backoff | held (drained, stopped until started) | stopped
+    state: str = "stopped"
     pid: int | None = None
     restarts: int = 0
     last_exit: str | None = None
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    held: bool = False
+    resume: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def name(self) -> str:
-        return self.deployment.name
+        return self.deployment.replica_name(self.index)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.deployment.port}"
+        return f"http://{self.host}:{self.port}"
 
     def command(self, python: Path) -> list[str]:
         engine = self.deployment.version.engine
@@ -131,10 +144,23 @@ class EngineProcess:
             str(python), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir),
             "--served-model-name", self.deployment.model,
-            "--host", self.host, "--port", str(engine.port),
+            "--host", self.host, "--port", str(self.port),
             "--max-model-len", str(engine.max_model_len),
+            "--shutdown-timeout", str(engine.shutdown_timeout_s),
             *engine.args,
         ]
+
+    def environment(self, gpu: bool) -> dict[str, str]:
+        extra = dict(self.deployment.version.engine.env)
+        if self.devices is not None:
+            extra["CUDA_VISIBLE_DEVICES"] = self.devices
+        return engine_environment(extra, gpu=gpu)
+
+    def status(self) -> dict[str, object]:
+        return {"replica": self.name, "deployment": self.deployment.name,
+                "model": self.deployment.model, "version": self.deployment.version.name,
+                "pid": self.pid, "port": self.port, "url": self.url, "devices": self.devices,
+                "state": self.state, "restarts": self.restarts, "last_exit": self.last_exit}
 
 
 def state_file(run_dir: Path) -> Path:
@@ -148,16 +174,32 @@ class Supervisor:
                  host: str = "127.0.0.1") -> None:
         self.env = env
         self.run_dir = run_dir
-        self.engines = [
-            EngineProcess(dep, resolve_dir(dep), host, run_dir / "logs" / f"{dep.name}.log")
-            for dep in deployments
-        ]
+        self.engines: list[EngineProcess] = []
+        for dep in deployments:
+            model_dir = resolve_dir(dep)
+            for index, port, devices in dep.version.engine.local_replicas():
+                name = dep.replica_name(index).replace("/", "-")
+                self.engines.append(EngineProcess(dep, index, port, devices, model_dir, host,
+                                                  run_dir / "logs" / f"{name}.log"))
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: set[Callable[[dict[str, object]], None]] = set()
 
     @property
     def state_file(self) -> Path:
         return state_file(self.run_dir)
+
+    def replica(self, name: str) -> EngineProcess | None:
+        return next((e for e in self.engines if e.name == name), None)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        return [e.status() for e in self.engines]
+
+    def subscribe(self, listener: Callable[[dict[str, object]], None]) -> Callable[[], None]:
+        """``listener`` gets each replica's status whenever it changes; returns the
+        unsubscribe function."""
+        self._listeners.add(listener)
+        return lambda: self._listeners.discard(listener)
 
     def verify(self) -> None:
         for engine in self.engines:
@@ -172,13 +214,18 @@ class Supervisor:
     async def wait_healthy(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(e.state == "healthy" for e in self.engines):
+            if all(e.state == "healthy" for e in self.engines if not e.held):
                 return True
             await asyncio.sleep(0.5)
         return False
 
     async def stop(self) -> None:
+        """Stop every replica: gateways are told first (no new requests), then each engine
+        gets SIGTERM and its --shutdown-timeout to finish what it has."""
         self._stopping.set()
+        for engine in self.engines:
+            if engine.state == "healthy":
+                self._set(engine, "draining")
         await asyncio.gather(*(self._terminate(e) for e in self.engines))
         for task in self._tasks:
             task.cancel()
@@ -187,20 +234,81 @@ class Supervisor:
                 await task
         self._write_state()
 
+    async def drain(self, name: str, deadline_s: float) -> dict[str, object]:
+        """Take a replica out of service without failing a request: gateways stop sending it
+        new ones at once (the ``draining`` event), the supervisor waits until the engine
+        reports nothing running or waiting (or ``deadline_s`` passes), then stops it (SIGTERM;
+        the engine's --shutdown-timeout covers a request that arrived in the last moment).
+        The replica stays stopped (``held``) until ``resume``."""
+        engine = self.replica(name)
+        if engine is None:
+            raise LookupError(name)
+        started = time.monotonic()
+        engine.held = True
+        engine.resume.clear()
+        self._set(engine, "draining")
+        log.info("replica draining", extra={"engine": name, "deadline_s": deadline_s})
+        idle = await self._until_idle(engine, started + deadline_s)
+        await self._terminate(engine, final_state="held")
+        waited = round(time.monotonic() - started, 3)
+        log.info("replica drained and stopped", extra={
+            "engine": name, "waited_s": waited, "idle": idle})
+        return {"replica": name, "state": engine.state, "idle_at_stop": idle,
+                "waited_s": waited}
+
+    def resume(self, name: str) -> dict[str, object]:
+        engine = self.replica(name)
+        if engine is None:
+            raise LookupError(name)
+        if engine.held:
+            engine.held = False
+            engine.resume.set()
+            log.info("replica started again", extra={"engine": name})
+        return engine.status()
+
+    async def _until_idle(self, engine: EngineProcess, deadline: float) -> bool:
+        """Until the engine has no request running or waiting, by its own metrics, twice in
+        a row (a request a gateway picked just before the event may still be on its way)."""
+        await asyncio.sleep(DRAIN_SETTLE_S)
+        quiet = 0
+        async with httpx.AsyncClient(trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if engine.proc is None or engine.proc.returncode is not None:
+                    return True
+                busy = await _engine_busy(client, engine.url)
+                quiet = quiet + 1 if busy == 0 else 0
+                if quiet >= 2:
+                    return True
+                await asyncio.sleep(0.5)
+        return False
+
+    def _set(self, engine: EngineProcess, state: str) -> None:
+        engine.state = state
+        self._write_state()
+        status = engine.status()
+        for listener in list(self._listeners):
+            listener(status)
+
     async def _keep_alive(self, engine: EngineProcess) -> None:
         backoff = BACKOFF_START_S
         async with httpx.AsyncClient(trust_env=False) as client:
             while not self._stopping.is_set():
+                if engine.held:
+                    await engine.resume.wait()
+                    continue
                 started = time.monotonic()
                 reason = await self._run_once(engine, client)
                 if self._stopping.is_set():
                     return
+                if engine.held:  # drained and stopped on purpose: not a failure
+                    self._set(engine, "held")
+                    backoff = BACKOFF_START_S
+                    continue
                 if time.monotonic() - started > STABLE_AFTER_S:
                     backoff = BACKOFF_START_S
                 engine.restarts += 1
                 engine.last_exit = reason
-                engine.state = "backoff"
-                self._write_state()
+                self._set(engine, "backoff")
                 log.warning("engine stopped; restarting", extra={
                     "engine": engine.name, "reason": reason, "restart_in_s": backoff,
                     "restarts": engine.restarts, "log_file": str(engine.log_path)})
@@ -210,17 +318,16 @@ class Supervisor:
 
     async def _run_once(self, engine: EngineProcess, client: httpx.AsyncClient) -> str:
         """Start the engine and return why it stopped being useful."""
-        env = engine_environment(engine.deployment.version.engine.env, gpu=self.env.gpu)
-        engine.state = "starting"
+        env = engine.environment(self.env.gpu)
         with engine.log_path.open("ab") as logf:
             engine.proc = await asyncio.create_subprocess_exec(
                 *engine.command(self.env.python), stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, cwd=self.run_dir,
                 preexec_fn=_die_with_parent)
         engine.pid = engine.proc.pid
-        self._write_state()
+        self._set(engine, "starting")
         log.info("engine starting", extra={"engine": engine.name, "pid": engine.pid,
-                                            "port": engine.deployment.port})
+                                            "port": engine.port, "devices": engine.devices})
         limit_s = engine.deployment.version.engine.startup_timeout_s
         exited = asyncio.create_task(engine.proc.wait())
         try:
@@ -228,12 +335,15 @@ class Supervisor:
                 if exited.done():
                     return f"{describe_exit(exited.result())} during start-up"
                 return f"not healthy after {limit_s:.0f} s"
-            engine.state = "healthy"
-            self._write_state()
+            if engine.held:  # drained while it started
+                return "drained"
+            self._set(engine, "healthy")
             log.info("engine healthy", extra={"engine": engine.name, "pid": engine.pid})
             return await self._until_dead(engine, client, exited)
         finally:
             await self._kill_group(engine, exited)
+            if not self._stopping.is_set() and not engine.held:
+                self._set(engine, "exited")  # gateways stop sending to it now
 
     async def _until_healthy(self, engine: EngineProcess, client: httpx.AsyncClient,
                              exited: asyncio.Task[int], limit_s: float) -> bool:
@@ -258,21 +368,22 @@ class Supervisor:
             if failures >= 3:
                 return "stopped answering /health (3 checks in a row)"
 
-    async def _terminate(self, engine: EngineProcess) -> None:
+    async def _terminate(self, engine: EngineProcess, final_state: str = "stopped") -> None:
         proc = engine.proc
         if proc is None or proc.returncode is not None:
-            engine.state = "stopped"
+            self._set(engine, final_state)
             return
+        grace = engine.deployment.version.engine.shutdown_timeout_s + STOP_GRACE_S
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), timeout=STOP_GRACE_S)
+            await asyncio.wait_for(proc.wait(), timeout=grace)
         except TimeoutError:
             log.warning("engine ignored SIGTERM; killing", extra={"engine": engine.name})
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
-        engine.state = "stopped"
+        self._set(engine, final_state)
         log.info("engine stopped", extra={"engine": engine.name})
 
     async def _kill_group(self, engine: EngineProcess, exited: asyncio.Task[int]) -> None:
@@ -287,13 +398,26 @@ class Supervisor:
         engine.pid = None
 
     def _write_state(self) -> None:
-        state = {e.name: {"model": e.deployment.model, "version": e.deployment.version.name,
-                          "pid": e.pid, "port": e.deployment.port, "url": e.url,
-                          "state": e.state, "restarts": e.restarts, "last_exit": e.last_exit}
-                 for e in self.engines}
+        state = {e.name: {**e.status()} for e in self.engines}
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
         tmp.replace(self.state_file)
+
+
+async def _engine_busy(client: httpx.AsyncClient, url: str) -> float | None:
+    """Requests the engine has running or waiting, from its /metrics; None when it cannot say."""
+    try:
+        resp = await client.get(f"{url}/metrics", timeout=5.0)
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    total = 0.0
+    for line in resp.text.splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
+            with contextlib.suppress(ValueError, IndexError):
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 async def _healthy(client: httpx.AsyncClient, url: str, limit_s: float = 2.0) -> bool:

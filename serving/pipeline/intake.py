@@ -25,7 +25,8 @@ from serving.domain.policy import Policy
 from serving.domain.principal import Principal
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 from serving.protection.protector import Inspection, Protector
-from serving.upstream.pool import EnginePool, EngineState, ModelRoute
+from serving.upstream.affinity import prefix_keys
+from serving.upstream.pool import EnginePool, ModelRoute, VersionGroup
 
 
 @dataclass(slots=True)
@@ -36,25 +37,34 @@ class ParsedRequest:
     stream: bool
     client_wants_usage: bool
     chunk_usage: str = "keep"  # what the relay does with per-event usage: keep, null, drop
-    engine: EngineState | None = None  # a pinned version (``model@version``)
+    pinned: VersionGroup | None = None  # a pinned version (``model@version``)
     n: int = 1  # choices per prompt: a stream's choice index // n is its prompt
+    affinity: tuple[int, ...] | None = None  # the prompt's prefix keys, for prefix affinity
+    request: Request | None = None  # as validated: a fallback model's body is made from it
+
+    def body_for(self, model: str) -> bytes:
+        """The same request for another model (a fallback)."""
+        assert self.request is not None
+        request = self.request.model_copy()
+        request.model = model
+        return contract.body(request)
 
 
-def resolve_model(model: str, pool: EnginePool) -> tuple[ModelRoute, EngineState | None]:
-    """The model route the request names, and the engine when it pins a version
+def resolve_model(model: str, pool: EnginePool) -> tuple[ModelRoute, VersionGroup | None]:
+    """The model route the request names, and the version when it pins one
     (``demo-chat@v1``)."""
     alias, at, version = model.partition("@")
     route = pool.route(alias)
-    engine = None
+    pinned = None
     if route is not None and at:
-        engine = next((e for e in route.engines if e.deployment.version.name == version), None)
-        if engine is None:
+        pinned = route.version(version)
+        if pinned is None:
             route = None
     if route is None:
         # The name is the client's own string; it is safe to say which model, trimmed.
         raise ModelNotFound(f"The model '{model[:100]}' does not exist or you do not have "
                             "access to it.", param="model")
-    return route, engine
+    return route, pinned
 
 
 def check_endpoint(endpoint: str, route: ModelRoute) -> None:
@@ -113,13 +123,13 @@ def _opaque_prompt(request: Request) -> str | None:
 
 
 def finish(request: Request, endpoint: str, route: ModelRoute,
-           engine: EngineState | None) -> ParsedRequest:
+           pinned: VersionGroup | None) -> ParsedRequest:
     """Set what the gateway owns (the model's name as the engine serves it, usage on every
     streamed event) and serialise."""
     request.model = route.name  # the engine serves every version under the alias
     if isinstance(request, EmbeddingRequest):
         return ParsedRequest(endpoint, route, contract.body(request), False, False,
-                             engine=engine)
+                             pinned=pinned, request=request)
     stream = bool(request.stream)
     wants_usage = False
     chunk_usage = "keep"
@@ -133,8 +143,10 @@ def finish(request: Request, endpoint: str, route: ModelRoute,
             # client goes away mid-stream; what the client did not ask for is removed.
             request.stream_options = StreamOptions(include_usage=True,
                                                    continuous_usage_stats=True)
-    return ParsedRequest(endpoint, route, contract.body(request), stream, wants_usage,
-                         chunk_usage, engine, request.n or 1)
+    body = contract.body(request)
+    keys = prefix_keys(body) if route.prefixes is not None else None
+    return ParsedRequest(endpoint, route, body, stream, wants_usage, chunk_usage, pinned,
+                         request.n or 1, keys, request)
 
 
 @dataclass(slots=True)

@@ -25,6 +25,8 @@ from serving.errors import InvalidRequest, NotFound
 from serving.routes.deps import Admin, Pool, services
 from serving.routes.responses import JSONResponse
 from serving.storage.clients import ClientExists, ClientRecord
+from serving.upstream.pool import EnginePool as PoolT
+from serving.upstream.replicas import Replica
 
 router = APIRouter(prefix="/admin/v1")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -226,27 +228,45 @@ async def usage(request: Request, _: Admin,
 
 @router.get("/engines")
 async def list_engines(pool: Pool, _: Admin) -> JSONResponse:
-    return JSONResponse({"data": [e.status() for e in pool.engines]})
+    """Every replica this gateway routes to, with its state (ready, down, ejected, half_open,
+    draining, removed), in-flight count, ejection and the engine's reported load."""
+    return JSONResponse({"data": [e.status() for e in pool.engines],
+                         "models": {name: {"ready": route.ready(),
+                                           "retry_budget": round(route.budget.tokens, 2),
+                                           "prefix_affinity": route.prefixes is not None}
+                                    for name, route in sorted(pool.routes.items())}})
 
 
-async def _drain(pool: Pool, deployment: str, draining: bool) -> JSONResponse:
-    engine = pool.engine(deployment)
-    if engine is None:
-        raise NotFound(f"no engine deployment {deployment!r}; see GET /admin/v1/engines",
-                       param="deployment")
-    pool.set_draining(engine, draining)
-    return JSONResponse(engine.status())
+def _targets(pool: PoolT, name: str) -> list[Replica]:
+    group = pool.deployment(name)
+    if group is not None:
+        return list(group.replicas)
+    replica = pool.replica(name)
+    if replica is None:
+        raise NotFound(f"no engine deployment or replica {name[:100]!r}; see GET "
+                       "/admin/v1/engines", param="deployment")
+    return [replica]
 
 
-@router.post("/engines/{deployment}/drain")
-async def drain_engine(deployment: str, pool: Pool, _: Admin) -> JSONResponse:
-    """No new requests for this engine; those in flight finish (watch ``in_flight``)."""
-    return await _drain(pool, deployment, True)
+async def _drain(pool: PoolT, name: str, draining: bool) -> JSONResponse:
+    replicas = _targets(pool, name)
+    for replica in replicas:
+        pool.set_draining(replica, draining)
+    statuses = [r.status() for r in replicas]
+    return JSONResponse({"deployment": name, "draining": draining,
+                         "in_flight": sum(r.in_flight for r in replicas), "replicas": statuses})
 
 
-@router.post("/engines/{deployment}/undrain")
-async def undrain_engine(deployment: str, pool: Pool, _: Admin) -> JSONResponse:
-    return await _drain(pool, deployment, False)
+@router.post("/engines/{name:path}/drain")
+async def drain_engine(name: str, pool: Pool, _: Admin) -> JSONResponse:
+    """No new requests for this deployment (every replica) or one replica, on this gateway;
+    those in flight finish (watch ``in_flight``)."""
+    return await _drain(pool, name, True)
+
+
+@router.post("/engines/{name:path}/undrain")
+async def undrain_engine(name: str, pool: Pool, _: Admin) -> JSONResponse:
+    return await _drain(pool, name, False)
 
 
 @router.post("/signing-keys/rotate", status_code=201)

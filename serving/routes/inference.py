@@ -19,8 +19,10 @@ from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serving import tracing
 from serving.admission import cost
 from serving.domain.endpoints import INFERENCE_PATHS
+from serving.domain.manifest import ENDPOINTS_BY_TASK
 from serving.domain.outcome import Decisions
 from serving.domain.policy import Policy
 from serving.errors import (
@@ -36,7 +38,9 @@ from serving.routes.deps import authenticate, services
 from serving.routes.errors import send_error
 from serving.routes.relay import RelayResponse
 from serving.routes.responses import JSONResponse
+from serving.tracing import Span
 from serving.upstream.client import Upstream
+from serving.upstream.pool import EnginePool, ModelRoute
 
 router = APIRouter()
 
@@ -63,7 +67,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def forward(request: Request, endpoint: str) -> RelayResponse:
+async def forward(request: Request, endpoint: str, span: Span) -> RelayResponse:
     """One inference request up to the engine: raises ``GatewayError`` when it is refused."""
     principal = await authenticate(request)
     svc = services(request.scope)
@@ -89,9 +93,28 @@ async def forward(request: Request, endpoint: str) -> RelayResponse:
     cost.check_request_tokens(policy, price)
     output = (svc.protector.output_filter(policy, inspection)
               if endpoint != "embeddings" else None)
-    admission = await svc.gate.admit(principal, policy, parsed.route.name, price)
+    span.set(tracing.MODEL, parsed.route.name)
+    with span.child(tracing.ADMISSION, {tracing.CLIENT: principal.client_id or ""}):
+        admission = await svc.gate.admit(principal, policy, parsed.route.name, price)
     ctx.reserved_tokens = price.tokens
-    return RelayResponse(svc.upstream, parsed, ctx, svc.gate, admission, output)
+    return RelayResponse(svc.upstream, parsed, ctx, svc.gate, admission, output,
+                         _fallbacks(svc.pool, policy, parsed), span)
+
+
+def _fallbacks(pool: EnginePool, policy: Policy, parsed: intake.ParsedRequest
+               ) -> list[ModelRoute]:
+    """The client's fallback models for this request's model (never for a pinned version),
+    each one the client may use and that serves this endpoint."""
+    names = policy.fallbacks.get(parsed.route.name)
+    if not names or parsed.pinned is not None:
+        return []
+    routes = []
+    for name in names:
+        route = pool.route(name)
+        if (route is not None and policy.allows_model(name)
+                and parsed.endpoint in ENDPOINTS_BY_TASK[route.task]):
+            routes.append(route)
+    return routes
 
 
 async def _tighten(upstream: Upstream, prepared: intake.Prepared, policy: Policy,
@@ -113,7 +136,7 @@ async def _tighten(upstream: Upstream, prepared: intake.Prepared, policy: Policy
         return bounds
     bodies = cost.tokenize_bodies(request, wanted)
     counts = await asyncio.gather(*(
-        upstream.count_tokens(parsed.route, body, request_id, parsed.engine)
+        upstream.count_tokens(parsed.route, body, request_id, parsed.pinned)
         for body in bodies.values()))
     for i, count in zip(bodies, counts, strict=True):
         if count is not None:
@@ -134,15 +157,34 @@ def _prompt_param(endpoint: str) -> str:
 
 
 def _handler(endpoint: str) -> ASGIApp:
+    name = f"POST {INFERENCE_PATHS[endpoint]}"
+
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = context(scope)
+        span = services(scope).tracing.start_request(
+            _header(scope, b"traceparent"), name, {tracing.REQUEST_ID: ctx.request_id})
+        if ctx.trace_id is None:
+            ctx.trace_id = span.trace_id()  # the audit record names the trace
         try:
-            response = await forward(Request(scope, receive), endpoint)
-        except Exception as exc:  # every error, answered in one place
-            await send_error(scope, send, exc)
-            return
-        await response(scope, receive, send)
+            try:
+                response = await forward(Request(scope, receive), endpoint, span)
+            except Exception as exc:  # every error, answered in one place
+                span.error(getattr(exc, "code", None) or type(exc).__name__)
+                await send_error(scope, send, exc)
+                return
+            await response(scope, receive, send)
+            if ctx.error_code is not None:
+                span.error(ctx.error_code)
+        finally:
+            span.end()
 
     return handle
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """The header's value when it is sent exactly once."""
+    found = [v for k, v in scope["headers"] if k == name]
+    return found[0].decode("latin-1") if len(found) == 1 else None
 
 
 # The inference paths, for the entry to dispatch ``POST``s to.
@@ -159,8 +201,8 @@ async def list_models(request: Request) -> JSONResponse:
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "enclave",
          "task": route.task, "max_model_len": route.max_model_len,
-         "ready": any(e.healthy for e in route.engines),
-         "versions": [e.deployment.version.name for e in route.engines]}
+         "ready": route.ready(),
+         "versions": [v.deployment.version.name for v in route.versions]}
         for name, route in sorted(pool.routes.items()) if policy.allows_model(name)
     ]
     return JSONResponse({"object": "list", "data": data})

@@ -9,6 +9,8 @@ With an operations listener configured (``ENCLAVE_OPS_PORT``), ``/metrics`` and 
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -26,11 +28,13 @@ async def healthz() -> JSONResponse:
 
 @router.get("/readyz")
 async def readyz(request: Request, pool: Pool) -> JSONResponse:
+    now = time.monotonic()
     engines = {e.name: {"model": e.deployment.model, "healthy": e.healthy,
-                        **({"draining": True} if e.draining else {}),
+                        "state": e.state(now),
+                        **({"draining": True} if e.draining or e.engine_draining else {}),
                         **({"error": e.last_error} if e.last_error else {})}
                for e in pool.engines}
-    models = {name: any(e.healthy for e in route.engines) for name, route in pool.routes.items()}
+    models = {name: route.ready() for name, route in pool.routes.items()}
     audit = services(request.scope).audit
     ready = bool(models) and all(models.values()) and audit.healthy
     status = 200 if ready else 503
@@ -46,8 +50,25 @@ async def readyz(request: Request, pool: Pool) -> JSONResponse:
 async def metrics(request: Request, pool: Pool) -> Response:
     m = services(request.scope).metrics
     m.audit_queue.set(services(request.scope).audit.queued)
-    for engine in pool.engines:
-        m.engine_up.labels(engine.deployment.model, engine.name).set(1 if engine.healthy else 0)
-        m.engine_draining.labels(engine.deployment.model, engine.name).set(
-            1 if engine.draining else 0)
+    now = time.monotonic()
+    for route in pool.routes.values():
+        routable = 0
+        for group in route.versions:
+            dep = group.deployment
+            m.engine_up.labels(dep.model, dep.name).set(
+                1 if any(r.healthy for r in group.replicas) else 0)
+            m.engine_draining.labels(dep.model, dep.name).set(
+                1 if group.replicas and all(r.draining or r.engine_draining
+                                            for r in group.replicas) else 0)
+            for r in group.replicas:
+                labels = (dep.model, dep.name, r.name)
+                available = r.available(now)
+                routable += available
+                m.replica_routable.labels(*labels).set(1 if available else 0)
+                m.replica_ejected.labels(*labels).set(1 if r.ejected_until else 0)
+                m.replica_draining.labels(*labels).set(
+                    1 if r.draining or r.engine_draining else 0)
+                m.replica_in_flight.labels(*labels).set(r.in_flight)
+        m.model_replicas.labels(route.name).set(len(route.replicas))
+        m.model_replicas_routable.labels(route.name).set(routable)
     return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)

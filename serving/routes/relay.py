@@ -9,6 +9,8 @@ Streams are forwarded event by event as they arrive, never buffered.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
 
 import aiohttp
 from starlette.responses import Response
@@ -21,8 +23,11 @@ from serving.errors import EngineBadResponse, EngineTimeout, GatewayError, error
 from serving.pipeline.intake import ParsedRequest
 from serving.protection.output import OutputFilter, ToolCallRefused
 from serving.routes.errors import send_error
+from serving.tracing import UNTRACED, Span
 from serving.upstream.client import TIMEOUTS, TRANSPORT_ERRORS, Upstream
 from serving.upstream.engine_errors import client_error
+from serving.upstream.pool import ModelRoute
+from serving.upstream.replicas import Replica
 from serving.upstream.sse import StreamAccountant, usage_from_body
 
 _JSON = (b"content-type", b"application/json")
@@ -38,7 +43,8 @@ class RelayResponse(Response):
     """A Starlette response (so FastAPI passes it through) that does its own sending."""
 
     def __init__(self, upstream: Upstream, parsed: ParsedRequest, ctx: RequestContext,
-                 gate: Gatekeeper, admission: Admission, output: OutputFilter | None) -> None:
+                 gate: Gatekeeper, admission: Admission, output: OutputFilter | None,
+                 fallbacks: Sequence[ModelRoute] = (), span: Span = UNTRACED) -> None:
         super().__init__()
         self.upstream = upstream
         self.parsed = parsed
@@ -46,7 +52,10 @@ class RelayResponse(Response):
         self.gate = gate
         self.admission = admission
         self.output = output  # the answer's filter, when the policy filters or keeps it
+        self.fallbacks = fallbacks  # the client's fallback models, tried when none is left
+        self.span = span  # the request's; each attempt gets a child
         self._settled = False
+        self._outcome = "client_gone"  # the attempt's, for the replica's record
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One watcher task per request (cheaper than a task group on the hot path): when the
@@ -90,25 +99,32 @@ class RelayResponse(Response):
     async def _exchange(self, send: Send) -> None:
         p, ctx = self.parsed, self.ctx
         ctx.forwarding = True
-        engine, response = await self.upstream.open(
-            p.route, PATHS[p.endpoint], p.body, ctx.request_id, p.engine)
-        ctx.engine = engine.name
-        ctx.version = engine.deployment.version.name
+        fallbacks = [(route, partial(p.body_for, route.name)) for route in self.fallbacks]
+        attempt = await self.upstream.open(
+            p.route, PATHS[p.endpoint], p.body, ctx, stream=p.stream, pinned=p.pinned,
+            keys=p.affinity, fallbacks=fallbacks, span=self.span)
+        replica, response = attempt.replica, attempt.response
+        ctx.engine = replica.name
+        ctx.version = replica.deployment.version.name
         ctx.upstream_status = response.status
-        try:  # open() counted the request in engine.in_flight
+        try:  # open() counted the attempt in replica.in_flight; release() gives it back
             if response.status != 200:
+                self._outcome = "engine_4xx"
                 await self._relay_error(send, response)
             elif p.stream:
-                await self._relay_stream(send, response)
+                await self._relay_stream(send, response, attempt.first, replica)
             else:
                 await self._relay_body(send, response)
         except TIMEOUTS:
+            self._outcome = "broken"
             raise EngineTimeout(f"The engine for '{p.route.name}' stopped answering.") from None
         except aiohttp.ClientError:
+            self._outcome = "broken"
             raise EngineBadResponse(
                 f"The engine for '{p.route.name}' closed the connection.") from None
         finally:
-            engine.in_flight -= 1
+            self.upstream.release(replica, attempt.route, self._outcome, attempt.probe,
+                                  attempt.span)
             # When the client left, this closes the connection, which is what tells vLLM to
             # abort. A fully read response goes back to the pool instead.
             if response.content.at_eof():
@@ -118,6 +134,7 @@ class RelayResponse(Response):
 
     async def _relay_body(self, send: Send, response: aiohttp.ClientResponse) -> None:
         body = await response.read()
+        self._outcome = "ok"
         self.ctx.prompt_tokens, self.ctx.completion_tokens = usage_from_body(body)
         output = self.output
         if output is not None:
@@ -128,15 +145,18 @@ class RelayResponse(Response):
                     "headers": [_JSON, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _relay_stream(self, send: Send, response: aiohttp.ClientResponse) -> None:
+    async def _relay_stream(self, send: Send, response: aiohttp.ClientResponse, first: bytes,
+                            replica: Replica) -> None:
         output = self.output
         acct = StreamAccountant(strip_usage_event=not self.parsed.client_wants_usage,
                                 chunk_usage=self.parsed.chunk_usage,
                                 transform=output.events if output is not None else None,
                                 choices_per_prompt=self.parsed.n)
         started = False
+        stall = self.upstream.watch(replica)  # a hung engine ends the stream, not the client
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in _chunks(first, response):
+                stall.touch()
                 out = acct.feed(chunk)
                 if not out:
                     continue
@@ -149,25 +169,40 @@ class RelayResponse(Response):
                 # socket takes them: without a yield, one fast stream holds the event loop and
                 # every other request (admin, health checks, other streams) waits behind it.
                 await asyncio.sleep(0)
+            stall.cancel()
+            self._outcome = "ok"
             rest = acct.flush()
             if not started:
                 await send({"type": "http.response.start", "status": 200,
                             "headers": _SSE_HEADERS})
             self._settle(acct)  # the audit record, written before the last byte, reads them
             await send({"type": "http.response.body", "body": rest, "more_body": False})
-        except TRANSPORT_ERRORS:
-            if not started:
+        except asyncio.CancelledError:
+            if not stall.fired or self.ctx.client_disconnected:
                 raise
-            # Headers are gone: end the stream with an OpenAI-style error event.
-            await self._end_with_error(send, acct, "The engine stopped mid-stream.",
-                                       "upstream_error", "engine_stream_broken")
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self._outcome = "first_byte_timeout"  # the engine stopped answering mid-stream
+            await self._broken(send, acct, started)
+        except TRANSPORT_ERRORS:
+            self._outcome = "broken"
+            await self._broken(send, acct, started)
         except ToolCallRefused as exc:
             if not started:
                 raise
             self.ctx.error_code = exc.log_code  # the error event below says why
             await self._end_with_error(send, acct, exc.message, exc.type, exc.log_code)
         finally:
+            stall.cancel()
             self._settle(acct)
+
+    async def _broken(self, send: Send, acct: StreamAccountant, started: bool) -> None:
+        """The engine failed after the first chunk: it cannot be retried elsewhere (the
+        client may have part of the answer). End the stream with an OpenAI-style error event."""
+        if not started:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        self.ctx.error_code = "engine_stream_broken"
+        await self._end_with_error(send, acct, "The engine stopped mid-stream.",
+                                   "upstream_error", "engine_stream_broken")
 
     def _settle(self, acct: StreamAccountant) -> None:
         """The stream's usage, first-token time and kept text, and what the request will be
@@ -208,6 +243,12 @@ class RelayResponse(Response):
             return
         raise EngineBadResponse(
             f"The engine for '{self.parsed.route.name}' failed ({status}).")
+
+
+async def _chunks(first: bytes, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in response.content.iter_any():
+        yield chunk
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:

@@ -27,9 +27,10 @@ def load_manifests(directory: Path) -> list[Manifest]:
     ports: dict[int, str] = {}
     for manifest in manifests:
         for dep in manifest.deployments():
-            if dep.port in ports:
-                raise ManifestError(
-                    f"{directory}: {dep.name} and {ports[dep.port]} both use port {dep.port}"
-                )
-            ports[dep.port] = dep.name
+            for index, port, _ in dep.version.engine.local_replicas():
+                name = dep.replica_name(index)
+                if port in ports:
+                    raise ManifestError(
+                        f"{directory}: {name} and {ports[port]} both use port {port}")
+                ports[port] = name
     return manifests

@@ -24,7 +24,9 @@ def parse_policies(text: str, source: str, known_models: set[str] | None) -> Pol
         if not re.fullmatch(NAME_RE, name):
             raise PolicyError(f"{source}: policies.{name}: a policy name must match {NAME_RE}")
         if known_models is not None:
-            unknown = sorted(set(policy.models) - known_models - {ANY_MODEL})
+            named = set(policy.models) | set(policy.fallbacks)
+            named |= {f for fs in policy.fallbacks.values() for f in fs}
+            unknown = sorted(named - known_models - {ANY_MODEL})
             if unknown:
                 raise PolicyError(f"{source}: policies.{name}.models: unknown model(s) "
                                   f"{', '.join(unknown)}; known: {', '.join(sorted(known_models))}")

@@ -1,110 +1,199 @@
-"""Which engine serves a model, and whether it is up.
+"""Which replicas serve a model, and what state each is in.
 
-Built from the manifests: one engine per deployment (model version). A background task polls
-each engine's ``/health``; a request that fails to connect marks its engine down at once, so
-traffic never keeps flowing to a dead engine, and a healthy poll brings it back. Choosing an
-engine for a model is a weighted pick among its healthy versions (the manifest's traffic split).
+Built from the manifests: each model (``ModelRoute``) has versions (``VersionGroup``, one per
+deployment, weighted by the manifest's traffic split), each served by replicas (``Replica``):
+the local ones the supervisor runs (``engine_host:port+i``) and ``endpoints`` elsewhere (an
+address is one replica; a name is re-resolved every few seconds, each private address a
+replica, vanished ones dropped once their requests have ended).
 
-An operator can drain an engine (before patching its host): it gets no new requests while the
-ones in flight finish; undraining puts it back. Draining is per gateway process, in memory: the
-patch script drains the engine on every gateway it is given.
+Three sources keep the state current, none waiting on another:
+
+- each replica's ``/health``, polled on its own (a hung engine delays no other's check); a
+  refused connection marks it down at once, slow or failing answers after three strikes;
+- the supervisor's control socket (``engines.control``), when this gateway can reach it: a
+  replica's exit, start, health and draining are known the moment the supervisor sees them;
+- each attempt's outcome (``Upstream``): passive ejection (``replicas``).
+
+Engine load (``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``) is scraped from each
+replica's ``/metrics`` at most every second for models that use it.
+
+An operator can drain a deployment or one replica on this gateway (the admin API); the
+supervisor drains a replica for every gateway (``enclave engines drain``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
-import random
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import httpx
 
-from serving.domain.manifest import Deployment, Manifest
+from serving.domain.manifest import Deployment, Endpoint, Manifest
+from serving.engines import control
+from serving.upstream import affinity, balancer
+from serving.upstream.replicas import EjectionPolicy, Replica
 
 log = logging.getLogger("enclave.engines")
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_STRIKES = 3
+SCRAPE_TIMEOUT_S = 1.0
+_LOAD_METRICS = (b"vllm:num_requests_waiting", b"vllm:kv_cache_usage_perc")
+_DOWN_STATES = frozenset({"starting", "backoff", "exited", "held", "stopped"})
 
 
-@dataclass(slots=True)
-class EngineState:
+@dataclass(slots=True, eq=False)
+class VersionGroup:
     deployment: Deployment
-    base_url: str
-    healthy: bool = False
-    last_error: str | None = None
-    strikes: int = 0
-    in_flight: int = 0
-    draining: bool = False
+    replicas: list[Replica] = field(default_factory=list)
+    ring: affinity.Ring | None = None
 
-    @property
-    def name(self) -> str:
-        return self.deployment.name
-
-    def status(self) -> dict[str, object]:
-        return {"deployment": self.name, "model": self.deployment.model,
-                "version": self.deployment.version.name, "url": self.base_url,
-                "healthy": self.healthy, "draining": self.draining,
-                "in_flight": self.in_flight, "last_error": self.last_error}
+    def ring_of(self) -> affinity.Ring:
+        names = [r.name for r in self.replicas]
+        if self.ring is None or self.ring.members != frozenset(names):
+            self.ring = affinity.Ring(names)
+        return self.ring
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class ModelRoute:
     name: str
     task: str
     max_model_len: int
-    engines: list[EngineState] = field(default_factory=list)
+    versions: list[VersionGroup] = field(default_factory=list)
+    prefixes: affinity.PrefixMap | None = None  # prefix affinity on
+    engine_load: bool = True
+    budget: balancer.RetryBudget = field(default_factory=balancer.RetryBudget)
 
-    def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> EngineState | None:
-        candidates = [e for e in self.engines if e.healthy and not e.draining
-                      and e.deployment.weight > 0 and e.name not in exclude]
+    @property
+    def replicas(self) -> list[Replica]:
+        return [r for v in self.versions for r in v.replicas]
+
+    def version(self, name: str) -> VersionGroup | None:
+        return next((v for v in self.versions if v.deployment.version.name == name), None)
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        return any(r.available(now) for v in self.versions if v.deployment.weight > 0
+                   for r in v.replicas)
+
+    def pick(self, tried: Collection[Replica], pinned: VersionGroup | None,
+             keys: tuple[int, ...] | None) -> tuple[Replica | None, str | None]:
+        """A replica for the next attempt (never one in ``tried``), counted as taken; with the
+        affinity result (hit, miss, overloaded) when affinity decided. None: none available."""
+        now = time.monotonic()
+        if pinned is not None:
+            group: VersionGroup | None = pinned
+            candidates = balancer.exclude(pinned.replicas, tried, now)
+        else:
+            groups = []
+            for v in self.versions:
+                if v.deployment.weight > 0:
+                    found = balancer.exclude(v.replicas, tried, now)
+                    if found:
+                        groups.append((v.deployment.weight, found, v))
+            if not groups:
+                return None, None
+            if len(groups) == 1:
+                _, candidates, group = groups[0]
+            else:
+                candidates = balancer.weighted([(w, c) for w, c, _ in groups])
+                group = next(g for _, c, g in groups if c is candidates)
         if not candidates:
-            return None
-        if len(candidates) == 1:
-            return candidates[0]
-        weights = [e.deployment.weight for e in candidates]
-        return random.choices(candidates, weights=weights, k=1)[0]  # noqa: S311 (not crypto)
+            return None, None
+        result = None
+        if keys and self.prefixes is not None and group is not None and len(candidates) > 1:
+            replica, result = balancer.by_affinity(candidates, keys, self.prefixes,
+                                                   group.ring_of(), now)
+        else:
+            replica = balancer.two_choices(candidates, now)
+            if keys and self.prefixes is not None:
+                self.prefixes.record(keys, replica.name)
+        replica.taken(now)
+        return replica, result
 
 
 class EnginePool:
-    def __init__(self, manifests: list[Manifest], engine_host: str = "127.0.0.1") -> None:
+    def __init__(self, manifests: list[Manifest], engine_host: str = "127.0.0.1", *,
+                 ejection: EjectionPolicy | None = None, retry_ratio: float = 0.2,
+                 allow_plaintext: bool = False, allow_public: bool = False,
+                 resolve_interval_s: float = 5.0) -> None:
         self.routes: dict[str, ModelRoute] = {}
-        self.engines: list[EngineState] = []
+        self.ejection = ejection or EjectionPolicy()
+        self.ssl: ssl.SSLContext | None = None  # for https endpoints (``tls.client_context``)
+        self._allow_plaintext = allow_plaintext
+        self._allow_public = allow_public
+        self._resolve_interval_s = resolve_interval_s
+        self._named: list[tuple[VersionGroup, Endpoint]] = []  # endpoints resolved by name
+        self._checks: dict[Replica, asyncio.Task[None]] = {}
+        self._scrapes: dict[Replica, asyncio.Task[None]] = {}
+        self.on_change: Callable[[], None] | None = None
         for manifest in manifests:
             deps = manifest.deployments()
             route = ModelRoute(
                 name=manifest.name, task=manifest.task,
                 max_model_len=max(d.version.engine.max_model_len for d in deps),
-            )
+                prefixes=affinity.PrefixMap() if manifest.prefix_affinity else None,
+                engine_load=manifest.routing.engine_load,
+                budget=balancer.RetryBudget(retry_ratio))
             for dep in deps:
-                state = EngineState(dep, f"http://{engine_host}:{dep.port}")
-                route.engines.append(state)
-                self.engines.append(state)
+                group = VersionGroup(dep)
+                for index, port, _ in dep.version.engine.local_replicas():
+                    group.replicas.append(Replica(dep, dep.replica_name(index),
+                                                  f"http://{_url_host(engine_host)}:{port}"))
+                for endpoint in dep.version.engine.endpoints:
+                    self._check_scheme(endpoint)
+                    if _is_address(endpoint.host):
+                        group.replicas.append(self._remote(dep, endpoint, endpoint.host))
+                    else:
+                        self._named.append((group, endpoint))
+                route.versions.append(group)
             self.routes[manifest.name] = route
+
+    @property
+    def engines(self) -> list[Replica]:
+        return [r for route in self.routes.values() for r in route.replicas]
 
     def route(self, model: str) -> ModelRoute | None:
         return self.routes.get(model)
 
-    def engine(self, deployment: str) -> EngineState | None:
-        return next((e for e in self.engines if e.name == deployment), None)
+    def deployment(self, name: str) -> VersionGroup | None:
+        return next((v for route in self.routes.values() for v in route.versions
+                     if v.deployment.name == name), None)
 
-    def set_draining(self, engine: EngineState, draining: bool) -> None:
-        if engine.draining != draining:
+    def replica(self, name: str) -> Replica | None:
+        return next((r for r in self.engines if r.name == name), None)
+
+    def set_draining(self, replica: Replica, draining: bool) -> None:
+        if replica.draining != draining:
             log.info("engine drained" if draining else "engine undrained",
-                     extra={"engine": engine.name, "in_flight": engine.in_flight})
-        engine.draining = draining
+                     extra={"engine": replica.name, "in_flight": replica.in_flight})
+        replica.draining = draining
 
-    def mark_down(self, engine: EngineState, reason: str) -> None:
-        if engine.healthy:
-            log.warning("engine marked down", extra={"engine": engine.name, "reason": reason})
-        engine.healthy = False
-        engine.last_error = reason
+    def mark_down(self, replica: Replica, reason: str) -> None:
+        if replica.healthy:
+            log.warning("engine marked down", extra={"engine": replica.name, "reason": reason})
+        replica.healthy = False
+        replica.last_error = reason
 
-    async def check(self, client: httpx.AsyncClient, engine: EngineState) -> None:
+    # -- health ---------------------------------------------------------------------------
+
+    async def check(self, client: httpx.AsyncClient, replica: Replica) -> None:
         """Poll /health. A refused connection means the engine is gone: down at once. A slow or
         failing answer counts as one strike; a busy CPU engine can answer /health late, and
         taking it out of service for that would turn load into errors."""
         try:
-            resp = await client.get(f"{engine.base_url}/health", timeout=HEALTH_TIMEOUT_S)
+            resp = await client.get(f"{replica.base_url}/health", timeout=HEALTH_TIMEOUT_S,
+                                    extensions=_sni(replica))
             ok = resp.status_code == 200
             reason = None if ok else f"/health answered {resp.status_code}"
             gone = False
@@ -113,21 +202,216 @@ class EnginePool:
         except httpx.HTTPError as exc:
             ok, reason, gone = False, type(exc).__name__, False
         if ok:
-            engine.strikes = 0
-            if not engine.healthy:
-                log.info("engine up", extra={"engine": engine.name})
-            engine.healthy, engine.last_error = True, None
+            replica.strikes = 0
+            replica.last_alive = time.monotonic()
+            if not replica.healthy:
+                log.info("engine up", extra={"engine": replica.name})
+            replica.healthy = True
+            if not replica.ejected_until:
+                replica.last_error = None
             return
-        engine.strikes += 1
-        engine.last_error = reason
-        if engine.healthy and (gone or engine.strikes >= HEALTH_STRIKES):
-            log.warning("engine down", extra={"engine": engine.name, "reason": reason})
-            engine.healthy = False
+        replica.strikes += 1
+        replica.last_error = reason
+        if replica.healthy and (gone or replica.strikes >= HEALTH_STRIKES):
+            log.warning("engine down", extra={"engine": replica.name, "reason": reason})
+            replica.healthy = False
 
     async def check_all(self, client: httpx.AsyncClient) -> None:
-        await asyncio.gather(*(self.check(client, e) for e in self.engines))
+        await self.resolve_all()
+        await asyncio.gather(*(self.check(client, r) for r in self.engines))
 
     async def watch(self, client: httpx.AsyncClient, interval_s: float) -> None:
+        """Each replica's health on its own schedule, and its load where its model uses it."""
         while True:
-            await self.check_all(client)
+            self._drop_removed()
+            for route in self.routes.values():
+                for replica in route.replicas:
+                    _keep_running(self._checks, replica, partial(self.check, client, replica))
+                    if route.engine_load:
+                        _keep_running(self._scrapes, replica,
+                                      partial(self.scrape, client, replica))
             await asyncio.sleep(interval_s)
+
+    async def scrape(self, client: httpx.AsyncClient, replica: Replica) -> None:
+        if not replica.healthy:
+            return
+        try:
+            resp = await client.get(f"{replica.base_url}/metrics", timeout=SCRAPE_TIMEOUT_S,
+                                    extensions=_sni(replica))
+        except httpx.HTTPError:
+            return
+        if resp.status_code != 200:
+            return
+        waiting, kv = parse_load(resp.content)
+        if waiting is not None:
+            replica.waiting = waiting
+            replica.kv_usage = kv or 0.0
+            replica.load_at = time.monotonic()
+
+    # -- the supervisor ---------------------------------------------------------------------
+
+    async def follow_supervisor(self, path: Path, retry_s: float = 1.0) -> None:
+        """Apply the supervisor's replica events as they happen; reconnect when it restarts."""
+        while True:
+            try:
+                async for event in control.watch(path):
+                    if event.get("event") == "snapshot":
+                        for status in event.get("replicas", []):
+                            self.apply(status)
+                    elif event.get("event") == "replica":
+                        self.apply(event)
+            except (OSError, ValueError):
+                pass
+            for replica in self.engines:  # health checks alone, until it is back
+                replica.engine_state = None
+                replica.engine_draining = False
+            await asyncio.sleep(retry_s)
+
+    def apply(self, status: dict[str, Any]) -> None:
+        replica = self.replica(str(status.get("replica")))
+        if replica is None:
+            return
+        state = str(status.get("state"))
+        before = replica.engine_state
+        replica.engine_state = state
+        if state == "healthy":
+            replica.engine_draining = False
+            if before != "healthy":
+                replica.reinstate()
+                replica.healthy = True
+                replica.last_alive = time.monotonic()
+                replica.last_error = None
+        elif state == "draining":
+            replica.engine_draining = True
+        elif state in _DOWN_STATES:
+            replica.engine_draining = False
+            if replica.healthy:
+                log.warning("engine down", extra={"engine": replica.name,
+                                                  "reason": f"supervisor: {state}"})
+            replica.healthy = False
+            replica.last_error = f"supervisor: {state}"
+        if before != state and self.on_change is not None:
+            self.on_change()
+
+    # -- endpoints by name -----------------------------------------------------------------
+
+    async def resolve_all(self) -> None:
+        for group, endpoint in self._named:
+            await self.resolve(group, endpoint)
+
+    async def keep_resolved(self) -> None:
+        while True:
+            await asyncio.sleep(self._resolve_interval_s)
+            await self.resolve_all()
+
+    async def resolve(self, group: VersionGroup, endpoint: Endpoint) -> None:
+        """Every address the name has now is a replica; one it no longer has is dropped once
+        its requests have ended (vLLM production-stack kept routing to deleted pods, #420)."""
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(endpoint.host, endpoint.port,
+                                           type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            log.warning("endpoint name did not resolve; keeping its last addresses",
+                        extra={"endpoint": endpoint.url, "error": str(exc)})
+            return
+        addresses = []
+        for info in infos:
+            address = str(info[4][0]).split("%")[0]
+            if not self._allow_public and not _private(address):
+                log.warning("endpoint address refused: not private",
+                            extra={"endpoint": endpoint.url, "address": address})
+                continue
+            if address not in addresses:
+                addresses.append(address)
+        prefix = f"{group.deployment.name}/"
+        mine = {r.name: r for r in group.replicas if r.server_hostname == endpoint.host
+                and r.name.startswith(prefix)}
+        wanted = {f"{prefix}{_url_host(a)}:{endpoint.port}": a for a in addresses}
+        for name, replica in mine.items():
+            if name not in wanted and not replica.removed:
+                log.info("replica left its endpoint's name", extra={"engine": name})
+                replica.removed = True
+        for name, address in wanted.items():
+            if name in mine:
+                mine[name].removed = False
+            else:
+                group.replicas.append(self._remote(group.deployment, endpoint, address))
+                log.info("replica found by name", extra={"engine": name})
+
+    def _drop_removed(self) -> None:
+        for route in self.routes.values():
+            for group in route.versions:
+                if any(r.removed and r.in_flight == 0 for r in group.replicas):
+                    group.replicas = [r for r in group.replicas
+                                      if not (r.removed and r.in_flight == 0)]
+
+    def _remote(self, dep: Deployment, endpoint: Endpoint, address: str) -> Replica:
+        named = not _is_address(endpoint.host)
+        return Replica(dep, f"{dep.name}/{_url_host(address)}:{endpoint.port}",
+                       f"{endpoint.scheme}://{_url_host(address)}:{endpoint.port}",
+                       server_hostname=endpoint.host if named else None)
+
+    def _check_scheme(self, endpoint: Endpoint) -> None:
+        if endpoint.scheme == "http" and not self._allow_plaintext and not _loopback(
+                endpoint.host):
+            raise ValueError(
+                f"engine endpoint {endpoint.url} is plain HTTP: prompts would cross the "
+                "network in clear. Use https:// (ENCLAVE_ENGINE_CA_FILE names the private CA), "
+                "or set ENCLAVE_ALLOW_PLAINTEXT_ENGINES=true inside a closed network")
+        if _is_address(endpoint.host) and not self._allow_public and not _private(
+                endpoint.host):
+            raise ValueError(f"engine endpoint {endpoint.url} is not a private address; set "
+                             "ENCLAVE_ALLOW_REMOTE_ENGINES=true only behind a closed network")
+
+
+def parse_load(text: bytes) -> tuple[float | None, float | None]:
+    """The sums of vLLM's waiting requests and KV-cache use over its samples."""
+    waiting = kv = None
+    for line in text.splitlines():
+        if not line.startswith(_LOAD_METRICS):
+            continue
+        try:
+            value = float(line.rsplit(b" ", 1)[1])
+        except (ValueError, IndexError):
+            continue
+        if line.startswith(_LOAD_METRICS[0]):
+            waiting = (waiting or 0.0) + value
+        else:
+            kv = max(kv or 0.0, value)
+    return waiting, kv
+
+
+def _keep_running(tasks: dict[Replica, asyncio.Task[None]], replica: Replica,
+                  start: Callable[[], Awaitable[None]]) -> None:
+    task = tasks.get(replica)
+    if task is None or task.done():
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
+        tasks[replica] = asyncio.ensure_future(start())
+
+
+def _sni(replica: Replica) -> dict[str, str]:
+    return {"sni_hostname": replica.server_hostname} if replica.server_hostname else {}
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _private(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_private or ip.is_loopback
+
+
+def _loopback(host: str) -> bool:
+    return host == "localhost" or (_is_address(host) and ipaddress.ip_address(host).is_loopback)
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address

@@ -74,7 +74,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngi
     settings = gateway_settings(tmp_path, copy_manifests(tmp_path / "models"),
                                 policies_file=policies)
 
-    def to_fake(_: Settings) -> aiohttp.ClientSession:
+    def to_fake(_: Settings, __: object) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(engine.path)))
 
     def healthy(request: httpx.Request) -> httpx.Response:

@@ -18,6 +18,7 @@ from serving.settings import Settings
 from tests.support.gateway import REPO, TEST_PEPPER, copy_manifests, stop_process
 
 ENGINE_START_TIMEOUT_S = 900
+CHAT_REPLICAS = 2
 
 
 class Engines:
@@ -25,7 +26,8 @@ class Engines:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.models_dir = copy_manifests(root / "models")
+        # Two replicas of the chat model: the router, failures and drains are tested on them.
+        self.models_dir = copy_manifests(root / "models", replicas={"demo-chat": CHAT_REPLICAS})
         self.data_dir = root / "engines-data"
         self.log_path = root / "supervisor.log"
         self.env = {**os.environ, "ENCLAVE_MODELS_DIR": str(self.models_dir),
@@ -67,18 +69,30 @@ class Engines:
         except (OSError, ValueError):
             return {}
 
-    def url(self, deployment: str) -> str:
-        return str(self.state()[deployment]["url"])
+    @property
+    def socket(self) -> Path:
+        """The supervisor's control socket (gateways follow its replica events)."""
+        return self.data_dir / "run" / "supervisor.sock"
+
+    def url(self, replica: str) -> str:
+        return str(self.state()[replica]["url"])
+
+    def replicas(self, deployment: str) -> list[str]:
+        return sorted(name for name, info in self.state().items()
+                      if info["deployment"] == deployment)
 
     def metric(self, deployment: str, name: str, **labels: str) -> float:
-        """Sum of a vLLM metric's samples (matching ``labels``), read from the engine itself."""
-        text = httpx.get(self.url(deployment) + "/metrics", timeout=30).text
+        """Sum of a vLLM metric's samples (matching ``labels``) over the deployment's replicas
+        (or one replica, named), read from the engines themselves."""
+        targets = [deployment] if "/" in deployment else self.replicas(deployment)
         total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v
-                                               for k, v in labels.items()):
-                    total += sample.value
+        for replica in targets:
+            text = httpx.get(self.url(replica) + "/metrics", timeout=30).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == name and all(sample.labels.get(k) == v
+                                                   for k, v in labels.items()):
+                        total += sample.value
         return total
 
     def stop(self) -> None:

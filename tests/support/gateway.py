@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,15 +54,44 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None
             proc.wait(timeout=10)
 
 
-def copy_manifests(dest: Path, ports: dict[str, int] | None = None) -> Path:
-    """The repository's manifests, with each engine moved to a free port (or the one given)."""
+def copy_manifests(dest: Path, ports: dict[str, int] | None = None,
+                   replicas: dict[str, int] | None = None) -> Path:
+    """The repository's manifests, with each engine moved to free ports (or the one given),
+    and as many local replicas as ``replicas`` says (default the manifest's)."""
     dest.mkdir(parents=True, exist_ok=True)
     for src in sorted((REPO / "models").glob("*.yaml")):
         data = yaml.safe_load(src.read_text())
+        count = (replicas or {}).get(data["name"])
         for version in data["versions"]:
-            version["engine"]["port"] = (ports or {}).get(data["name"]) or free_port()
+            if count is not None:
+                version["engine"]["replicas"] = count
+            n = version["engine"].get("replicas", 1)
+            version["engine"]["port"] = (ports or {}).get(data["name"]) or free_ports(n)
         (dest / src.name).write_text(yaml.safe_dump(data, sort_keys=False))
     return dest
+
+
+def free_ports(n: int) -> int:
+    """The first of ``n`` consecutive free ports (replica i of a version listens on port+i)."""
+    for _ in range(100):
+        first = free_port()
+        if n <= 1:
+            return first
+        if first + n - 1 > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(first + 1, first + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 class LogCapture(logging.Handler):

@@ -183,7 +183,7 @@ def test_a_stream_always_asks_the_engine_for_usage(pool: EnginePool) -> None:
 
 def test_a_pinned_version_goes_to_its_engine_under_the_alias(pool: EnginePool) -> None:
     parsed = prepare({**CHAT, "model": "demo-chat@v1"}, "chat", pool)
-    assert parsed.engine is not None and parsed.engine.deployment.version.name == "v1"
+    assert parsed.pinned is not None and parsed.pinned.deployment.version.name == "v1"
     assert orjson.loads(parsed.body)["model"] == "demo-chat"
 
 
