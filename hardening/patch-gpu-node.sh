@@ -76,14 +76,16 @@ on_exit() {
 trap on_exit EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-# engine_rows GATEWAY: one line per deployment of ours on that gateway:
-#   deployment in_flight healthy(0/1) model version
+# engine_rows GATEWAY: one line per replica of ours on that gateway (a --deployment names a
+# deployment, every replica of it, or one replica):
+#   deployment-or-replica in_flight healthy(0/1) model version
 engine_rows() {
     admin GET "$1/admin/v1/engines" | python3 -c '
 import json, sys
 for e in json.load(sys.stdin)["data"]:
-    if e["deployment"] in sys.argv[1:]:
-        print(e["deployment"], e["in_flight"], int(e["healthy"]), e["model"], e["version"])
+    for name in (e["deployment"], e["replica"]):
+        if name in sys.argv[1:]:
+            print(name, e["in_flight"], int(e["healthy"]), e["model"], e["version"])
 ' "${deployments[@]}"
 }
 

@@ -205,6 +205,10 @@ class Routing(BaseModel):
     prefix_affinity: bool | None = Field(
         default=None, description="Requests sharing a prompt prefix prefer the replica that served "
         "it (vLLM's prefix cache), bounded by load; default on for chat models")
+    balance: Literal["least_outstanding", "round_robin"] = Field(
+        default="least_outstanding", description="least_outstanding: the less loaded of two "
+        "random replicas (with affinity, when on); round_robin: in turn, load and prefixes "
+        "ignored (a baseline for comparisons)")
     engine_load: bool = Field(
         default=True, description="Refine least-outstanding picking with the engines' own queue "
         "length and KV-cache use (their /metrics, scraped at most every second)")

@@ -142,7 +142,8 @@ class RelayResponse(Response):
             self.ctx.response_text = output.response_text
         self.gate.reckon(self.admission, self.ctx)
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [_JSON, (b"content-length", str(len(body)).encode())]})
+                    "headers": self._served([_JSON, (b"content-length",
+                                                     str(len(body)).encode())])})
         await send({"type": "http.response.body", "body": body})
 
     async def _relay_stream(self, send: Send, response: aiohttp.ClientResponse, first: bytes,
@@ -163,7 +164,7 @@ class RelayResponse(Response):
                 if not started:
                     started = True
                     await send({"type": "http.response.start", "status": 200,
-                                "headers": _SSE_HEADERS})
+                                "headers": self._served(_SSE_HEADERS)})
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 # Neither call suspends while the engine's bytes are buffered and the client's
                 # socket takes them: without a yield, one fast stream holds the event loop and
@@ -174,7 +175,7 @@ class RelayResponse(Response):
             rest = acct.flush()
             if not started:
                 await send({"type": "http.response.start", "status": 200,
-                            "headers": _SSE_HEADERS})
+                            "headers": self._served(_SSE_HEADERS)})
             self._settle(acct)  # the audit record, written before the last byte, reads them
             await send({"type": "http.response.body", "body": rest, "more_body": False})
         except asyncio.CancelledError:
@@ -199,10 +200,18 @@ class RelayResponse(Response):
         """The engine failed after the first chunk: it cannot be retried elsewhere (the
         client may have part of the answer). End the stream with an OpenAI-style error event."""
         if not started:
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": self._served(_SSE_HEADERS)})
         self.ctx.error_code = "engine_stream_broken"
         await self._end_with_error(send, acct, "The engine stopped mid-stream.",
                                    "upstream_error", "engine_stream_broken")
+
+    def _served(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """When a fallback model answered, the client is told which (the body's ``model`` is
+        the engine's own name for it)."""
+        served = self.ctx.served_model
+        if served is None:
+            return headers
+        return [*headers, (b"x-enclave-served-model", served.encode())]
 
     def _settle(self, acct: StreamAccountant) -> None:
         """The stream's usage, first-token time and kept text, and what the request will be

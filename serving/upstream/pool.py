@@ -47,7 +47,8 @@ log = logging.getLogger("enclave.engines")
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_STRIKES = 3
 SCRAPE_TIMEOUT_S = 1.0
-_LOAD_METRICS = (b"vllm:num_requests_waiting", b"vllm:kv_cache_usage_perc")
+_LOAD_METRICS = (b"vllm:num_requests_waiting{", b"vllm:kv_cache_usage_perc{",
+                 b"vllm:num_requests_waiting ", b"vllm:kv_cache_usage_perc ")
 _DOWN_STATES = frozenset({"starting", "backoff", "exited", "held", "stopped"})
 
 
@@ -73,6 +74,8 @@ class ModelRoute:
     prefixes: affinity.PrefixMap | None = None  # prefix affinity on
     engine_load: bool = True
     budget: balancer.RetryBudget = field(default_factory=balancer.RetryBudget)
+    round_robin: bool = False  # the manifest's balance: round_robin (no load, no affinity)
+    _turn: int = 0
 
     @property
     def replicas(self) -> list[Replica]:
@@ -111,7 +114,10 @@ class ModelRoute:
         if not candidates:
             return None, None
         result = None
-        if keys and self.prefixes is not None and group is not None and len(candidates) > 1:
+        if self.round_robin:
+            self._turn += 1
+            replica = candidates[self._turn % len(candidates)]
+        elif keys and self.prefixes is not None and group is not None and len(candidates) > 1:
             replica, result = balancer.by_affinity(candidates, keys, self.prefixes,
                                                    group.ring_of(), now)
         else:
@@ -144,6 +150,7 @@ class EnginePool:
                 max_model_len=max(d.version.engine.max_model_len for d in deps),
                 prefixes=affinity.PrefixMap() if manifest.prefix_affinity else None,
                 engine_load=manifest.routing.engine_load,
+                round_robin=manifest.routing.balance == "round_robin",
                 budget=balancer.RetryBudget(retry_ratio))
             for dep in deps:
                 group = VersionGroup(dep)
@@ -375,7 +382,7 @@ def parse_load(text: bytes) -> tuple[float | None, float | None]:
             value = float(line.rsplit(b" ", 1)[1])
         except (ValueError, IndexError):
             continue
-        if line.startswith(_LOAD_METRICS[0]):
+        if line.startswith(b"vllm:num_requests_waiting"):
             waiting = (waiting or 0.0) + value
         else:
             kv = max(kv or 0.0, value)

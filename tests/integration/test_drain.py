@@ -40,7 +40,7 @@ HELD = {**CHAT, "max_tokens": 16}
 
 @pytest.fixture(scope="module")
 def relay(engines: Engines) -> Iterator[RecordingProxy]:
-    proxy = RecordingProxy(int(str(engines.state()[DEPLOYMENT]["port"]))).start()
+    proxy = RecordingProxy(int(str(engines.state()[f"{DEPLOYMENT}/r0"]["port"]))).start()
     try:
         yield proxy
     finally:
@@ -54,7 +54,8 @@ def gateway(engines: Engines, relay: RecordingProxy,
     """A gateway process of its own (as operators run it), reaching demo-chat through the
     relay."""
     root = tmp_path_factory.mktemp("drain")
-    models = copy_manifests(root / "models", ports={"demo-chat": relay.port})
+    models = copy_manifests(root / "models", ports={"demo-chat": relay.port},
+                            replicas={"demo-chat": 1})
     for manifest in models.glob("*.yaml"):  # the other models: the engines' own ports
         if manifest.stem != "demo-chat":
             manifest.write_text((engines.models_dir / manifest.name).read_text())

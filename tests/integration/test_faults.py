@@ -36,33 +36,34 @@ def test_an_engine_too_slow_gives_504(impatient_gateway: GatewayServer) -> None:
 
 
 @pytest.mark.engine_restart
-def test_a_killed_engine_gives_503_then_recovers_without_a_gateway_restart(
+def test_a_model_with_its_only_replica_killed_gives_503_then_recovers(
         gateway: GatewayServer, engines: Engines, api_key: str) -> None:
+    """minilm-embed has one replica: while it is down the model answers 503 + Retry-After
+    (chat, on its own replicas, is untouched), and it comes back without a gateway restart."""
     headers = {"Authorization": f"Bearer {api_key}"}
-    url = gateway.url + "/v1/chat/completions"
-    assert httpx.post(url, json=CHAT, headers=headers).status_code == 200
-    before = engines.state()["demo-chat-v1"]
+    url = gateway.url + "/v1/embeddings"
+    body = {"model": "minilm-embed", "input": "hello"}
+    assert httpx.post(url, json=body, headers=headers).status_code == 200
+    before = engines.state()["minilm-embed-v1/r0"]
     os.kill(int(str(before["pid"])), signal.SIGKILL)
 
     deadline = time.monotonic() + 5
     while True:
-        resp = httpx.post(url, json=CHAT, headers=headers, timeout=10)
+        resp = httpx.post(url, json=body, headers=headers, timeout=10)
         if resp.status_code == 503:
             break
         assert time.monotonic() < deadline, f"still {resp.status_code} after the kill"
         time.sleep(0.05)
     assert int(resp.headers["retry-after"]) > 0
     assert resp.json()["error"]["code"] == "engine_unavailable"
-    # The embeddings engine is untouched and keeps answering meanwhile.
-    emb = httpx.post(gateway.url + "/v1/embeddings", headers=headers,
-                     json={"model": "minilm-embed", "input": "still here"})
-    assert emb.status_code == 200
+    chat = httpx.post(gateway.url + "/v1/chat/completions", headers=headers, json=CHAT)
+    assert chat.status_code == 200
 
     deadline = time.monotonic() + 300
-    while httpx.post(url, json=CHAT, headers=headers, timeout=30).status_code != 200:
+    while httpx.post(url, json=body, headers=headers, timeout=30).status_code != 200:
         assert time.monotonic() < deadline, "the engine did not come back"
         time.sleep(1)
-    after = engines.state()["demo-chat-v1"]
+    after = engines.state()["minilm-embed-v1/r0"]
     assert after["pid"] != before["pid"]
     assert after["restarts"] == int(str(before["restarts"])) + 1
     assert "SIGKILL" in str(after["last_exit"])

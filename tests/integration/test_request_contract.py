@@ -73,7 +73,7 @@ class Platform:
         self.root = root
         self.engines = engines
         self.proxies = {
-            model: RecordingProxy(int(str(engines.state()[f"{model}-v1"]["port"]))).start()
+            model: RecordingProxy(int(str(engines.state()[f"{model}-v1/r0"]["port"]))).start()
             for model in ("demo-chat", "minilm-embed")}
         models = copy_manifests(root / "models",
                                 {m: p.port for m, p in self.proxies.items()})
