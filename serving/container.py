@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from serving import __version__
 from serving.admission.budgets import BudgetLedger
 from serving.admission.gate import Gatekeeper
+from serving.admission.idempotency import IdempotencyService
 from serving.admission.policy_store import PolicyStore
 from serving.admission.ratelimits import RateLimiter
 from serving.audit.trail import AuditTrail
@@ -35,6 +36,7 @@ from serving.settings import Settings
 from serving.storage import migrate
 from serving.storage.clients import ClientRepository
 from serving.storage.db import create_engine
+from serving.storage.idempotency import IdempotencyRepository
 from serving.storage.keys import KeyRepository
 from serving.storage.ledger import LedgerRepository
 from serving.storage.signing import SigningKeyRepository
@@ -90,6 +92,7 @@ class Services:
     audit: AuditTrail
     upstream: Upstream
     tracing: Tracing
+    idempotency: IdempotencyService
 
 
 def default_session(settings: Settings, tls: ssl.SSLContext | None = None
@@ -131,6 +134,9 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
     tracing = Tracing(settings.otlp_endpoint, sample_ratio=settings.otlp_sample_ratio,
                       resource={"enclave.gateway": f"{settings.host}:{settings.port}",
                                 "enclave.worker": settings.worker or 0})
+    idempotency = IdempotencyService(
+        IdempotencyRepository(db), pepper, ttl_s=settings.idempotency_ttl_s,
+        max_answer_bytes=settings.idempotency_max_answer_bytes)
     offload = Offload(settings.inspect_workers, settings.inspect_inline_bytes)
     offload.share_the_interpreter()
     services = Services(
@@ -138,7 +144,7 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         clients=state.clients, ledger=ledger, issuer=state.issuer,
         tokens=TokenVerifier(state.issuer, external, client),
         gate=Gatekeeper(policies, limiter, ledger, metrics), protector=Protector(metrics),
-        offload=offload, audit=trail, tracing=tracing,
+        offload=offload, audit=trail, tracing=tracing, idempotency=idempotency,
         upstream=Upstream(session, pool, metrics, retry_after_s=settings.retry_after_s,
                           max_attempts=settings.upstream_max_attempts,
                           first_byte_timeout_s=settings.upstream_first_byte_timeout_s))
@@ -150,6 +156,7 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         asyncio.create_task(pool.follow_supervisor(settings.resolved_supervisor_socket)),
         asyncio.create_task(policies.watch(settings.policy_reload_interval_s)),
         asyncio.create_task(ledger.keep_swept(settings.ledger_sweep_interval_s)),
+        asyncio.create_task(idempotency.keep_swept(settings.ledger_sweep_interval_s)),
         asyncio.create_task(ledger.keep_leases(settings.reservation_ttl_s)),
         asyncio.create_task(limiter.maintain()),
         asyncio.create_task(state.keys.keep_last_used(settings.last_used_flush_s)),
@@ -168,6 +175,7 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await idempotency.close()
         await ledger.stop()  # leases given back, settlements written, then the database closes
         await state.keys.flush_last_used()
         await limiter.close()

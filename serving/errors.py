@@ -5,8 +5,10 @@
     │   ├── InvalidBody               (400, logged invalid_request: FastAPI's validation)
     │   ├── UnsupportedParameter      (400 unsupported_parameter)
     │   ├── RequestTimeout            (408 request_timeout)
-    │   └── PayloadTooLarge           (413)
-    │       └── InspectionTooLong     (413 inspection_too_long)
+    │   ├── PayloadTooLarge           (413)
+    │   │   └── InspectionTooLong     (413 inspection_too_long)
+    │   └── IdempotencyConflict       (422 idempotency_key_reused)
+    │       └── IdempotencyAnswerNotKept (422 idempotency_answer_not_kept)
     ├── AuthenticationFailed          (401 invalid_api_key)
     ├── PermissionDenied              (403 permission_denied)
     ├── NotFound                      (404)
@@ -18,6 +20,7 @@
     │   ├── EngineUnavailable         (503 engine_unavailable)
     │   ├── StoreUnavailable          (503 state_store_unavailable)
     │   ├── GatewayBusy               (503 overloaded)
+    │   ├── IdempotencyInProgress     (409 idempotency_in_progress)
     │   └── AuditUnavailable          (503 audit_unavailable)
     ├── EngineTimeout                 (504)
     └── EngineBadResponse             (502)
@@ -94,6 +97,25 @@ class InspectionTooLong(PayloadTooLarge):
     code = "inspection_too_long"
 
 
+class IdempotencyConflict(InvalidRequest):
+    """The ``Idempotency-Key`` was used before, by this client, with another body. The message
+    names neither the key nor the body."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+    def __init__(self, message: str = "This Idempotency-Key was already used with a different "
+                 "request body; use a new key for a new request.") -> None:
+        super().__init__(message, param="Idempotency-Key")
+
+
+class IdempotencyAnswerNotKept(IdempotencyConflict):
+    """The request under this key already ran, but its answer was not kept (too large to store,
+    or unreadable): it is not run (nor charged) again; a new key runs it again."""
+
+    code = "idempotency_answer_not_kept"
+
+
 class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
@@ -162,6 +184,15 @@ class GatewayBusy(RetryLater):
     status = 503
     type = "service_unavailable"
     code = "overloaded"
+
+
+class IdempotencyInProgress(RetryLater):
+    """A request with the same ``Idempotency-Key`` and body is still running (here or on another
+    gateway) and did not finish within the wait: retry after ``Retry-After``."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_in_progress"
 
 
 class AuditUnavailable(RetryLater):

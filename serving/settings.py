@@ -161,6 +161,15 @@ class Settings(BaseSettings):
     worker: int | None = Field(
         None, ge=0, description="Set by `enclave gateway --workers N` for each worker process "
         "(its audit chain and metrics are its own); not set by hand")
+    idempotency_ttl_s: float = Field(
+        86400.0, ge=60, description="How long an Idempotency-Key's answer is kept (from the "
+        "first request)")
+    idempotency_max_answer_bytes: int = Field(
+        1 << 20, ge=1024, description="Answers larger than this are not kept; a duplicate "
+        "gets 422 (use a new key)")
+    idempotency_wait_s: float = Field(
+        120.0, gt=0, description="A duplicate arriving while the first is still running "
+        "waits this long for its answer, then gets 409 with Retry-After")
     otlp_endpoint: str | None = Field(
         None, description="An OpenTelemetry collector's OTLP/HTTP base URL (e.g. "
         "http://10.0.0.5:4318): spans of each inference request, its admission and each "

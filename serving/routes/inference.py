@@ -15,16 +15,19 @@ import asyncio
 import time
 from functools import partial
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving import tracing
 from serving.admission import cost
+from serving.admission.idempotency import HEADER, Claim, Replay
+from serving.container import Services
 from serving.domain.endpoints import INFERENCE_PATHS
 from serving.domain.manifest import ENDPOINTS_BY_TASK
 from serving.domain.outcome import Decisions
 from serving.domain.policy import Policy
+from serving.domain.principal import Principal
 from serving.errors import (
     AuditUnavailable,
     EngineUnavailable,
@@ -67,8 +70,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def forward(request: Request, endpoint: str, span: Span) -> RelayResponse:
-    """One inference request up to the engine: raises ``GatewayError`` when it is refused."""
+async def forward(request: Request, endpoint: str, span: Span) -> Response:
+    """One inference request up to the engine (or, for a repeated ``Idempotency-Key``, the
+    stored answer): raises ``GatewayError`` when it is refused."""
     principal = await authenticate(request)
     svc = services(request.scope)
     if not svc.audit.healthy:
@@ -87,7 +91,34 @@ async def forward(request: Request, endpoint: str, span: Span) -> RelayResponse:
     prepared = await svc.offload.run(len(raw), partial(
         intake.prepare, raw, endpoint, principal, policy, svc.pool, svc.gate, svc.protector,
         ctx, decisions, deadline))
-    parsed, inspection = prepared.parsed, prepared.inspection
+    parsed = prepared.parsed
+    claim = None
+    idempotency_key = _idempotency_key(request)
+    if idempotency_key is not None:
+        if parsed.stream:
+            raise InvalidRequest("Idempotency-Key applies to non-streamed requests only.",
+                                 param="Idempotency-Key", code="idempotency_stream")
+        found = await svc.idempotency.begin(
+            principal.client_id or principal.key_id, idempotency_key, raw,
+            wait_s=settings.idempotency_wait_s)
+        if isinstance(found, Replay):  # answered before: neither run nor charged again
+            ctx.idempotent_replay = True
+            svc.metrics.count_replay(parsed.route.name)
+            return Response(found.body, found.status, media_type="application/json",
+                            headers={"idempotent-replayed": "true"})
+        claim = found
+    try:
+        return await _admit(svc, request, prepared, policy, principal, span, claim)
+    except BaseException:
+        if claim is not None:
+            await claim.release()  # refused before the engine: the key is free again
+        raise
+
+
+async def _admit(svc: Services, request: Request, prepared: intake.Prepared, policy: Policy,
+                 principal: Principal, span: Span, claim: Claim | None) -> RelayResponse:
+    ctx = context(request.scope)
+    parsed, inspection, endpoint = prepared.parsed, prepared.inspection, prepared.parsed.endpoint
     bounds = await _tighten(svc.upstream, prepared, policy, ctx.request_id)
     price = cost.bound(prepared.request, bounds, parsed.route.max_model_len)
     cost.check_request_tokens(policy, price)
@@ -98,7 +129,15 @@ async def forward(request: Request, endpoint: str, span: Span) -> RelayResponse:
         admission = await svc.gate.admit(principal, policy, parsed.route.name, price)
     ctx.reserved_tokens = price.tokens
     return RelayResponse(svc.upstream, parsed, ctx, svc.gate, admission, output,
-                         _fallbacks(svc.pool, policy, parsed), span)
+                         _fallbacks(svc.pool, policy, parsed), span, claim)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    values = request.headers.getlist(HEADER)
+    if len(values) > 1:
+        raise InvalidRequest("Send one Idempotency-Key header.", param="Idempotency-Key",
+                             code="invalid_idempotency_key")
+    return values[0] if values else None
 
 
 def _fallbacks(pool: EnginePool, policy: Policy, parsed: intake.ParsedRequest

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from serving.admission.gate import Admission, Gatekeeper
+from serving.admission.idempotency import Claim
 from serving.contract import PATHS
 from serving.domain.outcome import RequestContext
 from serving.errors import EngineBadResponse, EngineTimeout, GatewayError, error_bytes
@@ -44,7 +45,8 @@ class RelayResponse(Response):
 
     def __init__(self, upstream: Upstream, parsed: ParsedRequest, ctx: RequestContext,
                  gate: Gatekeeper, admission: Admission, output: OutputFilter | None,
-                 fallbacks: Sequence[ModelRoute] = (), span: Span = UNTRACED) -> None:
+                 fallbacks: Sequence[ModelRoute] = (), span: Span = UNTRACED,
+                 claim: Claim | None = None) -> None:
         super().__init__()
         self.upstream = upstream
         self.parsed = parsed
@@ -54,6 +56,7 @@ class RelayResponse(Response):
         self.output = output  # the answer's filter, when the policy filters or keeps it
         self.fallbacks = fallbacks  # the client's fallback models, tried when none is left
         self.span = span  # the request's; each attempt gets a child
+        self.claim = claim  # an Idempotency-Key's: its answer is kept for duplicates
         self._settled = False
         self._outcome = "client_gone"  # the attempt's, for the replica's record
 
@@ -93,6 +96,8 @@ class RelayResponse(Response):
             this_task.uncancel()  # ours: the client left; nothing more to send
         finally:
             watcher.cancel()
+            if self.claim is not None and not self.claim.finished:
+                await self.claim.release()  # no answer kept: a duplicate runs again
             # However the exchange ended: settle the budget, give back the concurrent slot.
             await self.gate.finish(self.admission, self.ctx)
 
@@ -141,6 +146,8 @@ class RelayResponse(Response):
             body = output.body(body)  # may refuse a tool call: nothing is sent yet
             self.ctx.response_text = output.response_text
         self.gate.reckon(self.admission, self.ctx)
+        if self.claim is not None:  # kept before the client has it: a duplicate finds it
+            await self.claim.complete(200, body, self.parsed.route.name)
         await send({"type": "http.response.start", "status": 200,
                     "headers": self._served([_JSON, (b"content-length",
                                                      str(len(body)).encode())])})
@@ -200,7 +207,8 @@ class RelayResponse(Response):
         """The engine failed after the first chunk: it cannot be retried elsewhere (the
         client may have part of the answer). End the stream with an OpenAI-style error event."""
         if not started:
-            await send({"type": "http.response.start", "status": 200, "headers": self._served(_SSE_HEADERS)})
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self._served(_SSE_HEADERS)})
         self.ctx.error_code = "engine_stream_broken"
         await self._end_with_error(send, acct, "The engine stopped mid-stream.",
                                    "upstream_error", "engine_stream_broken")

@@ -14,6 +14,8 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -105,6 +107,26 @@ usage_daily = Table(
     Column("completion_tokens", BigInteger, nullable=False, server_default="0"),
 )
 
+# Idempotency keys (``storage.idempotency``): one row per client and key, holding digests of the
+# key and the body, never either of them, and the answer sealed with AES-256-GCM. A "pending"
+# row is a claim by the gateway ``owner`` until ``lease_expires_at``; a "done" row replays its
+# answer (NULL: too large to keep) until ``expires_at``.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("key_hash", String(64), primary_key=True),  # hex HMAC-SHA256 of the client's key
+    Column("body_hash", String(64), nullable=False),  # hex HMAC-SHA256 of the request body
+    Column("state", String(8), nullable=False),  # "pending" | "done"
+    Column("owner", String(32), nullable=True),  # the claim's holder while pending
+    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
+    Column("status", Integer, nullable=True),
+    Column("answer", LargeBinary, nullable=True),  # nonce + AES-256-GCM ciphertext
+    Column("model", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_idempotency_keys_expires", "expires_at"),
+)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

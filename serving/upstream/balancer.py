@@ -13,7 +13,8 @@ a replica of that version:
 
 The retry budget (per model) keeps retries from multiplying an outage: every first attempt
 deposits ``ratio`` (0.2) of a retry, a retry withdraws one, so retries never exceed 20% of
-requests however many replicas fail. It starts empty and holds at most ``cap`` retries.
+requests (plus a reserve of ``reserve`` retries, so that the first failures of a freshly started
+gateway are retried too) however many replicas fail. It holds at most ``cap`` retries.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ _rand = random.Random()  # noqa: S311 (load spreading, not security)
 
 
 class RetryBudget:
-    def __init__(self, ratio: float = 0.2, cap: float = 10.0) -> None:
+    def __init__(self, ratio: float = 0.2, cap: float = 10.0, reserve: float = 3.0) -> None:
         self.ratio = ratio
         self.cap = cap
-        self.tokens = 0.0
+        self.tokens = min(reserve, cap)
 
     def deposit(self) -> None:
         tokens = self.tokens + self.ratio

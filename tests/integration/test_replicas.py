@@ -9,6 +9,7 @@ request (#749); LiteLLM kept a dead host in rotation (#27362, PR #34836)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -152,6 +153,43 @@ def test_a_drained_replica_stops_only_after_its_last_request_and_no_request_fail
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert started.returncode == 0, started.stderr
     both_ready(gw, engines, keys["admin"])
+
+
+def test_concurrent_duplicates_with_one_idempotency_key_run_and_charge_once(
+        gw: GatewayProcess, engines: Engines, keys: dict[str, str]) -> None:
+    both_ready(gw, engines, keys["admin"])
+    key = new_key(gw.settings, "idempotent", "default")
+    body = {"model": "demo-chat", "max_tokens": 24, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "charge me once"}]}
+    headers = {**bearer(key), "Idempotency-Key": "order-7731"}
+    before = engines.metric("demo-chat-v1", "vllm:request_success_total")
+
+    async def twenty() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=120) as client:
+            return list(await asyncio.gather(*(
+                client.post("/v1/chat/completions", json=body, headers=headers)
+                for _ in range(20))))
+
+    answers = asyncio.run(twenty())
+    assert {a.status_code for a in answers} == {200}, [a.text for a in answers]
+    assert len({a.content for a in answers}) == 1  # the one answer, replayed
+    assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 19
+    assert engines.metric("demo-chat-v1", "vllm:request_success_total") - before == 1
+    usage = answers[0].json()["usage"]
+    charged = 0.0
+    for family in text_string_to_metric_families(httpx.get(gw.url + "/metrics").text):
+        for sample in family.samples:
+            if (sample.name == "enclave_client_tokens_total"
+                    and sample.labels.get("client") == "idempotent"):
+                charged += sample.value
+    assert charged == usage["prompt_tokens"] + usage["completion_tokens"]
+    # The same key with another body is refused; a stream cannot carry one.
+    other = httpx.post(gw.url + "/v1/chat/completions", headers=headers, timeout=60,
+                       json={**body, "max_tokens": 8})
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    stream = httpx.post(gw.url + "/v1/chat/completions", headers=headers, timeout=60,
+                        json={**body, "stream": True})
+    assert stream.status_code == 400
 
 
 @pytest.mark.engine_restart

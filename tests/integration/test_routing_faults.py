@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -324,3 +323,44 @@ def test_remote_engines_are_reached_over_mutual_tls_with_the_private_ca(
     models = remote_manifests(tmp_path / "plain", {"demo-chat": ["http://10.11.12.13:8000"]})
     with pytest.raises(ValueError, match="plain HTTP"):
         GatewayServer(settings_for(tmp_path / "plain", models))
+
+
+def test_traces_cover_the_request_admission_and_each_attempt_and_reach_the_engine(
+        engines: Engines, proxies: list[FaultyEngine], tmp_path: Path) -> None:
+    from tests.support.otlp import OtlpReceiver
+
+    a, b = proxies[:2]
+    a.plan = always("error")  # the first attempt fails wherever it lands; b answers
+    b.plan = always("pass")
+    with OtlpReceiver() as receiver:
+        settings = settings_for(tmp_path, remote_manifests(tmp_path, {"demo-chat": [a.url, b.url]},
+                                                           balance="round_robin"),
+                                otlp_endpoint=receiver.endpoint)
+        trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        with running_gateway(settings) as gw:
+            key = new_key(settings, "traced", "default")
+            for _ in range(4):  # enough that one lands on the failing replica first
+                resp = httpx.post(gw.url + "/v1/chat/completions", json=CHAT, timeout=30,
+                                  headers={**bearer(key),
+                                           "traceparent": f"00-{trace_id}-{parent}-01"})
+                assert resp.status_code == 200, resp.text
+                if a.count():
+                    break
+        spans = [s for s in receiver.spans if s.trace_id == trace_id]
+    requests = [s for s in spans if s.kind == "server"]
+    assert requests and all(s.parent_span_id == parent for s in requests)
+    ids = {s.span_id for s in requests}
+    children = [s for s in spans if s.parent_span_id in ids]
+    assert any(s.name == "admission" for s in children)
+    attempts = [s for s in children if s.name == "upstream attempt"]
+    outcomes = {(s.attributes["enclave.replica"], s.attributes["enclave.outcome"])
+                for s in attempts}
+    assert ("demo-chat-v1/" + a.url.removeprefix("http://"), "engine_5xx") in outcomes
+    assert ("demo-chat-v1/" + b.url.removeprefix("http://"), "ok") in outcomes
+    retried = [s for s in attempts if s.attributes.get("enclave.retry_reason")]
+    assert retried and retried[0].attributes["enclave.retry_reason"] == "engine_5xx"
+    # The engine got the attempt's traceparent: the same trace, the attempt as parent.
+    sent = {t.split("-")[2] for t in b.traceparents if t and t.split("-")[1] == trace_id}
+    assert sent & {s.span_id for s in attempts}
+    # No text of the request in any span.
+    assert not any("hello" in str(s.attributes) for s in spans)

@@ -45,6 +45,7 @@ class FaultyEngine:
         self.healthy = True
         self.port = free_port()
         self.hits: Counter[str] = Counter()
+        self.traceparents: list[str | None] = []  # each inference request's, as received
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -97,6 +98,7 @@ class FaultyEngine:
         mode = self.plan()
         with self._lock:
             self.hits[mode] += 1
+            self.traceparents.append(request.headers.get("traceparent"))
         if mode == "error":
             return web.json_response({"error": {"message": "injected"}}, status=500)
         if mode == "hang":

@@ -121,7 +121,8 @@ def test_engine_reported_queue_counts_while_fresh(tmp_path: Path) -> None:
     assert {pick(route).name for _ in range(30)} == {b.name}
     a.load_at = time.monotonic() - 3  # stale: ignored
     assert {pick(route).name for _ in range(100)} == {a.name, b.name}
-    assert parse_load(b'# HELP x\nvllm:num_requests_waiting{engine="0"} 3.0\n'
+    assert parse_load(b"# HELP x\nvllm:num_requests_waiting{engine=\"0\"} 3.0\n"
+                      b"vllm:num_requests_waiting_by_reason{reason=\"capacity\"} 7.0\n"
                       b'vllm:kv_cache_usage_perc{engine="0"} 0.5\n') == (3.0, 0.5)
 
 
@@ -175,13 +176,14 @@ def test_ejection_backs_off_and_one_probe_brings_the_replica_back(tmp_path: Path
 
 
 def test_the_retry_budget_never_exceeds_its_share_of_requests() -> None:
-    budget = RetryBudget(0.2, cap=10)
+    budget = RetryBudget(0.2, cap=10, reserve=3)
     granted = 0
     for _ in range(1000):
         budget.deposit()
         granted += budget.withdraw() + budget.withdraw()  # every request wants two retries
-    assert granted <= 200 and granted >= 199
-    assert not RetryBudget().withdraw()  # it starts empty
+    assert 199 <= granted <= 203  # 20% of requests, and the starting reserve
+    fresh = RetryBudget(reserve=3)
+    assert [fresh.withdraw() for _ in range(4)] == [True, True, True, False]
 
 
 async def test_health_refused_is_down_at_once_slow_after_strikes(tmp_path: Path) -> None:
