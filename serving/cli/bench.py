@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from serving.bench import matrix, protection, run
+from serving.bench import matrix, protection, routing, run
 from serving.cli.common import console, fail, load_settings, stdout
 
 
@@ -57,11 +57,27 @@ def _ratios(proxy: list[run.Cell]) -> list[str]:
               show_default=True, help="Matrix: non-streamed answers, streamed, or both.")
 @click.option("--workers", default=1, show_default=True,
               help="Matrix: also measure an every-guard gateway with this many workers.")
+@click.option("--routing", "routing_", is_flag=True, help="What one routing decision costs, "
+              "in-process (prefix keys, pick, release), by body size and replica count.")
 def bench(seconds: float, rounds: int, concurrencies: tuple[int, ...], e2e: bool,
           e2e_concurrency: int, shared_state: bool, json_out: Path | None, matrix_: bool,
-          sizes: tuple[float, ...], streams: str, workers: int) -> None:
+          sizes: tuple[float, ...], streams: str, workers: int, routing_: bool) -> None:
     """Gateway vs bare FastAPI proxy vs upstream, and gateway vs vLLM direct, in one run;
-    or (--matrix) what the gateway costs as prompts grow."""
+    or (--matrix) what the gateway costs as prompts grow; or (--routing) what routing costs."""
+    if routing_:
+        rows = routing.measure(seconds=min(seconds, 1.0), rounds=rounds)
+        table = Table("body", "replicas", "CPU us/request", "added to baseline",
+                      title="Routing, per request (medians of interleaved rounds)")
+        for row in rows:
+            table.add_row(f"{row['size_kb']} KB", str(row["case"]), f"{row['us_per_request']}",
+                          f"{row['added_us']} us")
+        stdout.print(table)
+        worst = max(float(str(r["added_us"])) for r in rows)
+        stdout.print(f"routing adds at most {worst:.1f} us of CPU per request "
+                     f"(target 20 us: {'met' if worst <= 20 else 'missed'})")
+        if json_out is not None:
+            json_out.write_text(json.dumps({"routing": rows}, indent=2) + "\n")
+        return
     if shutil.which("wrk") is None:
         fail("wrk is not installed (Debian: apt-get install wrk nginx-light)")
     settings = load_settings()

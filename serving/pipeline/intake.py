@@ -25,7 +25,7 @@ from serving.domain.policy import Policy
 from serving.domain.principal import Principal
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 from serving.protection.protector import Inspection, Protector
-from serving.upstream.affinity import prefix_keys
+from serving.upstream.affinity import Prefix
 from serving.upstream.pool import EnginePool, ModelRoute, VersionGroup
 
 
@@ -39,7 +39,7 @@ class ParsedRequest:
     chunk_usage: str = "keep"  # what the relay does with per-event usage: keep, null, drop
     pinned: VersionGroup | None = None  # a pinned version (``model@version``)
     n: int = 1  # choices per prompt: a stream's choice index // n is its prompt
-    affinity: tuple[int, ...] | None = None  # the prompt's prefix keys, for prefix affinity
+    affinity: Prefix | None = None  # the prompt's prefix, for prefix affinity
     request: Request | None = None  # as validated: a fallback model's body is made from it
 
     def body_for(self, model: str) -> bytes:
@@ -144,7 +144,7 @@ def finish(request: Request, endpoint: str, route: ModelRoute,
             request.stream_options = StreamOptions(include_usage=True,
                                                    continuous_usage_stats=True)
     body = contract.body(request)
-    keys = prefix_keys(body) if route.prefixes is not None else None
+    keys = Prefix(body) if route.prefixes is not None else None
     return ParsedRequest(endpoint, route, body, stream, wants_usage, chunk_usage, pinned,
                          request.n or 1, keys, request)
 

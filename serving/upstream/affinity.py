@@ -19,16 +19,19 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
-BLOCK = 512  # bytes of the serialised prompt per key
-MAX_BLOCKS = 64  # keys for at most the first 32 KiB
+BLOCK = 1024  # bytes of the serialised prompt per key
+MAX_BLOCKS = 32  # keys for at most the first 32 KiB
 VNODES = 64
 LOAD_FACTOR = 1.25
 MAP_SIZE = 1 << 16
 _STARTS = (b'"messages":', b'"prompt":')
+_SPREAD = 0x9E3779B97F4A7C15  # Fibonacci hashing: a 32-bit CRC spread over the 64-bit ring
+_MASK64 = (1 << 64) - 1
 
 
 class _Named(Protocol):
@@ -39,7 +42,12 @@ class _Named(Protocol):
 def prefix_keys(body: bytes) -> tuple[int, ...]:
     """The chained block hashes of the prompt in a serialised request body (from its
     ``messages`` or ``prompt``; the fields before it vary from request to request). A hint
-    only: a body where it is not found hashes from its start."""
+    only: a body where it is not found hashes from its start.
+
+    The first key (the ring's) is a stable hash (CRC-32 of the first block, spread over 64
+    bits), the same in every gateway process; the others only index this process's
+    ``PrefixMap``, so they use Python's own hash of each block (SipHash), chained: key i covers
+    blocks 0..i."""
     start = 0
     for marker in _STARTS:
         found = body.find(marker)
@@ -47,12 +55,30 @@ def prefix_keys(body: bytes) -> tuple[int, ...]:
             start = found
             break
     view = memoryview(body)[start:start + BLOCK * MAX_BLOCKS]
-    h = hashlib.blake2b(digest_size=8)
-    keys = []
-    for offset in range(0, len(view), BLOCK):
-        h.update(view[offset:offset + BLOCK])
-        keys.append(int.from_bytes(h.copy().digest(), "little"))
+    first = (zlib.crc32(view[:BLOCK]) * _SPREAD) & _MASK64
+    keys = [first]
+    key = first
+    for offset in range(BLOCK, len(view), BLOCK):
+        key = hash((key, hash(view[offset:offset + BLOCK])))
+        keys.append(key)
     return tuple(keys)
+
+
+class Prefix:
+    """A request's prefix keys, computed only if a decision needs them (one replica to choose
+    from needs none), once per request however many attempts it takes."""
+
+    __slots__ = ("_body", "_keys")
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._keys: tuple[int, ...] | None = None
+
+    @property
+    def keys(self) -> tuple[int, ...]:
+        if self._keys is None:
+            self._keys = prefix_keys(self._body)
+        return self._keys
 
 
 def bound(loads_total: int, replicas: int) -> int:
@@ -95,17 +121,22 @@ class PrefixMap:
         self._size = size
         self._map: OrderedDict[int, str] = OrderedDict()
 
-    def longest(self, keys: Sequence[int]) -> str | None:
+    def longest(self, keys: Sequence[int]) -> tuple[str | None, int]:
+        """The replica of the longest known prefix, and how many keys it covers."""
         m = self._map
-        for key in reversed(keys):
-            name = m.get(key)
+        for i in range(len(keys) - 1, -1, -1):
+            name = m.get(keys[i])
             if name is not None:
-                return name
-        return None
+                return name, i + 1
+        return None, 0
 
-    def record(self, keys: Sequence[int], name: str) -> None:
+    def record(self, keys: Sequence[int], name: str, known: int = 0) -> None:
+        """``keys`` went to ``name``; the first ``known`` already point there (only the longest
+        of them is refreshed: a lookup finds it first)."""
         m = self._map
-        for key in keys:
+        start = max(known - 1, 0)
+        for i in range(start, len(keys)):
+            key = keys[i]
             m[key] = name
             m.move_to_end(key)
         while len(m) > self._size:

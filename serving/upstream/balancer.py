@@ -46,9 +46,15 @@ class RetryBudget:
 
 
 def two_choices(candidates: Sequence[Replica], now: float) -> Replica:
-    if len(candidates) == 1:
+    n = len(candidates)
+    if n == 1:
         return candidates[0]
-    a, b = _rand.sample(candidates, 2)
+    if n == 2:
+        a, b = candidates
+    else:  # two distinct, uniformly (random.sample costs several times more)
+        i = int(_rand.random() * n)
+        j = int(_rand.random() * (n - 1))
+        a, b = candidates[i], candidates[j + (j >= i)]
     sa, sb = a.score(now), b.score(now)
     if sa == sb:
         return a if _rand.random() < 0.5 else b
@@ -74,19 +80,18 @@ def by_affinity(candidates: Sequence[Replica], keys: Sequence[int], prefixes: af
                 ring: affinity.Ring, now: float) -> tuple[Replica, str]:
     """The affine replica and whether it was a ``hit``, a ``miss`` (ring) or ``overloaded``
     (the affine replica was over the bound; another took it)."""
-    by_name = {r.name: r for r in candidates}
     limit = affinity.bound(sum(r.in_flight for r in candidates), len(candidates))
-    known = prefixes.longest(keys)
+    known, covered = prefixes.longest(keys)
     result = "miss"
     if known is not None:
-        replica = by_name.get(known)
+        replica = _named(candidates, known)
         if replica is not None and replica.in_flight < limit:
-            prefixes.record(keys, replica.name)
+            prefixes.record(keys, replica.name, covered)
             return replica, "hit"
         result = "overloaded" if replica is not None else "miss"
     chosen = None
     for name in ring.walk(keys[0]):
-        replica = by_name.get(name)
+        replica = _named(candidates, name)
         if replica is not None and replica.in_flight < limit:
             chosen = replica
             break
@@ -95,6 +100,13 @@ def by_affinity(candidates: Sequence[Replica], keys: Sequence[int], prefixes: af
         result = "overloaded"
     prefixes.record(keys, chosen.name)
     return chosen, result
+
+
+def _named(candidates: Sequence[Replica], name: str) -> Replica | None:
+    for replica in candidates:
+        if replica.name == name:
+            return replica
+    return None
 
 
 def exclude(replicas: Sequence[Replica], tried: Collection[Replica], now: float

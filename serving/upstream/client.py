@@ -43,6 +43,7 @@ from serving.domain.outcome import RequestContext
 from serving.errors import EngineBadResponse, EngineTimeout, EngineUnavailable, GatewayError
 from serving.metrics import GatewayMetrics
 from serving.tracing import UNTRACED, Span
+from serving.upstream.affinity import Prefix
 from serving.upstream.pool import EnginePool, ModelRoute, VersionGroup
 from serving.upstream.replicas import Replica
 
@@ -134,7 +135,7 @@ class Upstream:
 
     async def open(self, route: ModelRoute, path: str, body: bytes, ctx: RequestContext, *,
                    stream: bool, pinned: VersionGroup | None = None,
-                   keys: tuple[int, ...] | None = None,
+                   prefix: Prefix | None = None,
                    fallbacks: Sequence[tuple[ModelRoute, Callable[[], bytes]]] = (),
                    span: Span = UNTRACED) -> Attempt:
         """The first attempt that gets its first byte; raises ``GatewayError`` when none
@@ -147,7 +148,7 @@ class Upstream:
         route.budget.deposit()
         remaining = list(fallbacks) if pinned is None else []
         while True:
-            replica, affinity = route.pick(tried, pinned, keys)
+            replica, affinity = route.pick(tried, pinned, prefix)
             if affinity is not None:
                 metrics.count_affinity(route.name, affinity)
             if replica is None:
@@ -158,7 +159,7 @@ class Upstream:
                     metrics.count_fallback(route.name, fallback.name)
                     ctx.served_model = fallback.name
                     ctx.fallback_reason = f"no replica of '{route.name}' available"
-                    route, body, keys = fallback, make_body(), None
+                    route, body, prefix = fallback, make_body(), None
                     continue
                 raise failure or self.unavailable(ctx.served_model or route.name)
             tried.append(replica)

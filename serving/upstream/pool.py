@@ -59,9 +59,9 @@ class VersionGroup:
     ring: affinity.Ring | None = None
 
     def ring_of(self) -> affinity.Ring:
-        names = [r.name for r in self.replicas]
-        if self.ring is None or self.ring.members != frozenset(names):
-            self.ring = affinity.Ring(names)
+        """The ring over the replicas (rebuilt after the pool changes them: ``ring = None``)."""
+        if self.ring is None:
+            self.ring = affinity.Ring([r.name for r in self.replicas])
         return self.ring
 
 
@@ -90,7 +90,7 @@ class ModelRoute:
                    for r in v.replicas)
 
     def pick(self, tried: Collection[Replica], pinned: VersionGroup | None,
-             keys: tuple[int, ...] | None) -> tuple[Replica | None, str | None]:
+             prefix: affinity.Prefix | None) -> tuple[Replica | None, str | None]:
         """A replica for the next attempt (never one in ``tried``), counted as taken; with the
         affinity result (hit, miss, overloaded) when affinity decided. None: none available."""
         now = time.monotonic()
@@ -117,13 +117,12 @@ class ModelRoute:
         if self.round_robin:
             self._turn += 1
             replica = candidates[self._turn % len(candidates)]
-        elif keys and self.prefixes is not None and group is not None and len(candidates) > 1:
-            replica, result = balancer.by_affinity(candidates, keys, self.prefixes,
+        elif prefix is not None and self.prefixes is not None and len(candidates) > 1:
+            assert group is not None
+            replica, result = balancer.by_affinity(candidates, prefix.keys, self.prefixes,
                                                    group.ring_of(), now)
-        else:
+        else:  # one replica to choose from: its prefixes are not recorded (nothing to decide)
             replica = balancer.two_choices(candidates, now)
-            if keys and self.prefixes is not None:
-                self.prefixes.record(keys, replica.name)
         replica.taken(now)
         return replica, result
 
@@ -344,6 +343,7 @@ class EnginePool:
                 mine[name].removed = False
             else:
                 group.replicas.append(self._remote(group.deployment, endpoint, address))
+                group.ring = None
                 log.info("replica found by name", extra={"engine": name})
 
     def _drop_removed(self) -> None:
@@ -352,6 +352,7 @@ class EnginePool:
                 if any(r.removed and r.in_flight == 0 for r in group.replicas):
                     group.replicas = [r for r in group.replicas
                                       if not (r.removed and r.in_flight == 0)]
+                    group.ring = None
 
     def _remote(self, dep: Deployment, endpoint: Endpoint, address: str) -> Replica:
         named = not _is_address(endpoint.host)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from serving.storage.manifests import load_manifests
-from serving.upstream.affinity import prefix_keys
+from serving.upstream.affinity import Prefix
 from serving.upstream.balancer import RetryBudget
 from serving.upstream.pool import HEALTH_STRIKES, EnginePool, ModelRoute, parse_load
 from serving.upstream.replicas import EjectionPolicy, Replica
@@ -52,9 +52,9 @@ def up(route: ModelRoute) -> list[Replica]:
     return route.replicas
 
 
-def pick(route: ModelRoute, tried: tuple[Replica, ...] = (), keys: tuple[int, ...] | None = None
+def pick(route: ModelRoute, tried: tuple[Replica, ...] = (), keys: bytes | None = None
          ) -> Replica | None:
-    replica, _ = route.pick(tried, None, keys)
+    replica, _ = route.pick(tried, None, Prefix(keys) if keys is not None else None)
     if replica is not None:
         replica.in_flight -= 1  # released at once: these tests look at the choice only
         replica.probing = False
@@ -130,13 +130,13 @@ def test_prefix_affinity_follows_the_prefix_within_the_load_bound(tmp_path: Path
     route = pool_of(tmp_path, {"v1": 100, "v2": 0}, replicas=3).routes["demo-chat"]
     up(route)
     system = "You are a careful assistant. " * 40
-    first = prefix_keys(b'{"messages":[{"role":"system","content":"%s"},{"role":"user",'
-                        b'"content":"hello"}]}' % system.encode())
+    first = (b'{"messages":[{"role":"system","content":"%s"},{"role":"user",'
+             b'"content":"hello"}]}' % system.encode())
     chosen = pick(route, keys=first)
     assert chosen is not None
     # Another conversation with the same system prompt, and a longer turn of the first one.
-    other = prefix_keys(b'{"messages":[{"role":"system","content":"%s"},{"role":"user",'
-                        b'"content":"something else"}]}' % system.encode())
+    other = (b'{"messages":[{"role":"system","content":"%s"},{"role":"user",'
+             b'"content":"something else"}]}' % system.encode())
     assert {pick(route, keys=other) for _ in range(20)} == {chosen}
     # Over the bound (1.25 x the mean + 1), the next replica on the ring takes it.
     chosen.in_flight = 10
@@ -144,7 +144,7 @@ def test_prefix_affinity_follows_the_prefix_within_the_load_bound(tmp_path: Path
     assert spill is not None and spill is not chosen
     chosen.in_flight = 0
     # Different system prompts spread over the replicas (the ring).
-    names = {pick(route, keys=prefix_keys(b'{"messages":"prompt %d"}' % i)).name  # type: ignore[union-attr]
+    names = {pick(route, keys=b'{"messages":"prompt %d"}' % i).name  # type: ignore[union-attr]
              for i in range(60)}
     assert len(names) == 3
 
