@@ -49,6 +49,9 @@ class Deployments:
         except (OSError, ValueError):
             return  # being replaced: keep the last good map, try again next scrape
         # the map first: a concurrent scrape that sees the new stamp must see the new map
-        self._by_session = {int(info["pid"]): name for name, info in state.items()
+        # Keyed by replica (demo-chat-v1/r0); labelled by its deployment (every replica of a
+        # version is one deployment; its GPUs tell the replicas apart).
+        self._by_session = {int(info["pid"]): str(info.get("deployment") or name)
+                            for name, info in state.items()
                             if isinstance(info, dict) and isinstance(info.get("pid"), int)}
         self._stamp = stamp

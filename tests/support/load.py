@@ -37,6 +37,7 @@ def run_load(url: str, key: str, seconds: float, concurrency: int = 8,
                        "stream": stream,
                        "messages": [{"role": "user", "content": f"load {i} {n}"}],
                        **(body or {})}
+            stream = bool(payload["stream"])
             start = time.monotonic()
             try:
                 if stream:
