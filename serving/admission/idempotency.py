@@ -244,30 +244,36 @@ class IdempotencyService:
         sealed = (self._seal(claim.client_id, claim.key_hash, body_hash, status, model, body)
                   if kept else None)
         try:
-            stored = await self.repo.complete(claim.client_id, claim.key_hash, claim.owner,
-                                              status=status, answer=sealed, model=model)
+            # Shielded: a client leaving mid-write does not abandon the answer half-kept; and
+            # the slot is freed whatever happens (else duplicates here would wait forever).
+            stored = await asyncio.shield(self.repo.complete(
+                claim.client_id, claim.key_hash, claim.owner, status=status, answer=sealed,
+                model=model))
             if not stored:
                 log.warning("idempotency claim lost before its answer was stored",
                             extra={"client": claim.client_id})
+            if stored and kept:
+                claim._slot.replay = Replay(status, body, model)  # for duplicates waiting here
+            elif stored:
+                log.info("idempotency answer too large to keep", extra={
+                    "client": claim.client_id, "bytes": len(body),
+                    "limit": self.max_answer_bytes})
         except Exception as exc:  # the lease expires: a duplicate runs again after lease_s
             log.warning("idempotency answer not stored", extra={
                 "client": claim.client_id, "error": type(exc).__name__})
             stored = False
-        if stored and kept:
-            claim._slot.replay = Replay(status, body, model)  # for the duplicates waiting here
-        elif stored:
-            log.info("idempotency answer too large to keep", extra={
-                "client": claim.client_id, "bytes": len(body), "limit": self.max_answer_bytes})
-        self._free((claim.client_id, claim.key_hash, body_hash), claim._slot)
+        finally:
+            self._free((claim.client_id, claim.key_hash, body_hash), claim._slot)
         return stored
 
     async def _release(self, claim: Claim) -> None:
         try:
-            await self.repo.release(claim.client_id, claim.key_hash, claim.owner)
+            await asyncio.shield(self.repo.release(claim.client_id, claim.key_hash, claim.owner))
         except Exception as exc:  # the lease expires: the key is free again after lease_s
             log.warning("idempotency claim not released", extra={
                 "client": claim.client_id, "error": type(exc).__name__})
-        self._free((claim.client_id, claim.key_hash, claim._slot.body_hash), claim._slot)
+        finally:
+            self._free((claim.client_id, claim.key_hash, claim._slot.body_hash), claim._slot)
 
     async def _keep_leased(self, claim: Claim) -> None:
         while True:

@@ -128,6 +128,7 @@ class EngineProcess:
     last_exit: str | None = None
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
     held: bool = False
+    terminating: bool = False  # SIGTERM sent: the engine is finishing its requests
     resume: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -244,11 +245,12 @@ class Supervisor:
         if engine is None:
             raise LookupError(name)
         started = time.monotonic()
+        serving = engine.state == "healthy"  # else it has no request to finish
         engine.held = True
         engine.resume.clear()
         self._set(engine, "draining")
         log.info("replica draining", extra={"engine": name, "deadline_s": deadline_s})
-        idle = await self._until_idle(engine, started + deadline_s)
+        idle = await self._until_idle(engine, started + deadline_s) if serving else True
         await self._terminate(engine, final_state="held")
         waited = round(time.monotonic() - started, 3)
         log.info("replica drained and stopped", extra={
@@ -361,6 +363,9 @@ class Supervisor:
             await asyncio.wait({exited}, timeout=2.0)
             if exited.done():
                 return describe_exit(exited.result())
+            if engine.terminating:  # finishing its requests (--shutdown-timeout): let it
+                await exited
+                return describe_exit(exited.result())
             if await _healthy(client, engine.url, limit_s=5.0):
                 failures = 0
                 continue
@@ -374,6 +379,7 @@ class Supervisor:
             self._set(engine, final_state)
             return
         grace = engine.deployment.version.engine.shutdown_timeout_s + STOP_GRACE_S
+        engine.terminating = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -383,6 +389,7 @@ class Supervisor:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+        engine.terminating = False
         self._set(engine, final_state)
         log.info("engine stopped", extra={"engine": engine.name})
 

@@ -114,7 +114,10 @@ class RelayResponse(Response):
         ctx.upstream_status = response.status
         try:  # open() counted the attempt in replica.in_flight; release() gives it back
             if response.status != 200:
-                self._outcome = "engine_4xx"
+                status = response.status
+                # A refusal of this request, relayed; anything else is the engine's failure.
+                self._outcome = ("engine_4xx" if 400 <= status < 500 and status not in (401, 403)
+                                 else "engine_error")
                 await self._relay_error(send, response)
             elif p.stream:
                 await self._relay_stream(send, response, attempt.first, replica)
@@ -186,15 +189,20 @@ class RelayResponse(Response):
             self._settle(acct)  # the audit record, written before the last byte, reads them
             await send({"type": "http.response.body", "body": rest, "more_body": False})
         except asyncio.CancelledError:
-            if not stall.fired or self.ctx.client_disconnected:
+            stall.cancel()
+            task = asyncio.current_task()
+            assert task is not None
+            if not stall.fired or self.ctx.client_disconnected or task.uncancel() > 0:
                 raise
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             self._outcome = "first_byte_timeout"  # the engine stopped answering mid-stream
             await self._broken(send, acct, started)
         except TRANSPORT_ERRORS:
+            stall.cancel()
             self._outcome = "broken"
             await self._broken(send, acct, started)
         except ToolCallRefused as exc:
+            stall.cancel()
+            self._outcome = "ok"  # the engine answered; the policy refused the answer
             if not started:
                 raise
             self.ctx.error_code = exc.log_code  # the error event below says why

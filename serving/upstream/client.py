@@ -57,10 +57,13 @@ def new_session(connect_timeout_s: float, read_timeout_s: float,
                 ) -> aiohttp.ClientSession:
     # Idle connections are dropped before the engine drops them (vLLM's keep-alive is 5 s): a
     # request sent on a connection the engine is closing fails after the engine had it.
-    connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=keepalive_s,
+    # No pool limit (the gateway's own ceiling on requests in progress bounds it), and the
+    # connect timeout on the socket's connect alone: a wait for a pooled connection must never
+    # read as an engine that cannot be reached (that ejects it).
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=keepalive_s,
                                      ttl_dns_cache=None, use_dns_cache=False,
                                      ssl=tls if tls is not None else True)
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s,
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s,
                                     sock_read=read_timeout_s)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
                                  auto_decompress=False, skip_auto_headers=("User-Agent",))
@@ -186,22 +189,11 @@ class Upstream:
                 self.release(replica, route, "client_gone", probe, child)
                 raise
             replica.last_alive = time.monotonic()
-            if response.status >= 500:
-                await _discard(response)
-                child.set(tracing.HTTP_STATUS, response.status)
-                self.release(replica, route, "engine_5xx", probe, child)
-                failure = EngineBadResponse(
-                    f"The engine for '{route.name}' failed ({response.status}).")
-                if not self._may_retry(route, "engine_5xx", len(tried)):
-                    raise failure
-                ctx.retried.append("engine_5xx")
-                metrics.count_retry(route.name, "engine_5xx")
-                continue
             child.set(tracing.HTTP_STATUS, response.status)
             return Attempt(replica, response, first, route, probe, child)
 
     def _may_retry(self, route: ModelRoute, outcome: str, attempts: int) -> bool:
-        if attempts >= self._max_attempts:
+        if attempts >= self._max_attempts or outcome == "read_timeout":
             return False
         if outcome == "connect_error":  # no engine saw it: costs nothing but the round trip
             return True
@@ -217,11 +209,16 @@ class Upstream:
         assert task is not None
         watch = LivenessWatch(replica, self._first_byte, task)
         response = None
+        if replica.server_hostname is not None:  # reached by address: the name, as vhost
+            headers = {**headers, "host": f"{replica.server_hostname}:{replica.port}"}
         try:
             response = await self._session.post(
                 replica.base_url + path, data=body, headers=headers, allow_redirects=False,
                 server_hostname=replica.server_hostname)
             first = b""
+            if response.status >= 500:  # read (under this watch) and dropped: retryable
+                await _discard(response)
+                raise _Failed("engine_5xx")
             if stream and response.status == 200:
                 first = await response.content.readany()
                 if not first:
@@ -240,9 +237,11 @@ class Upstream:
         except aiohttp.ConnectionTimeoutError:
             raise _Failed("connect_timeout") from None
         except TIMEOUTS:
+            # The read timeout, from a replica still alive (else the watch fires first): too
+            # slow an answer, not a failed replica; not retried (it would run again).
             if response is not None:
                 response.close()
-            raise _Failed("first_byte_timeout") from None
+            raise _Failed("read_timeout") from None
         except aiohttp.ClientError:
             if response is not None:
                 response.close()
@@ -263,7 +262,7 @@ class Upstream:
         if outcome in ("ok", "engine_4xx"):
             replica.succeeded()
             return
-        if outcome == "client_gone":
+        if outcome in ("client_gone", "read_timeout"):
             if probe:
                 replica.probing = False  # the probe told nothing; the next request probes
             return
@@ -309,7 +308,9 @@ class _Failed(Exception):
         self.outcome = outcome
 
     def error(self, model: str) -> GatewayError:
-        if self.outcome == "first_byte_timeout":
+        if self.outcome == "engine_5xx":
+            return EngineBadResponse(f"The engine for '{model}' failed.")
+        if self.outcome in ("first_byte_timeout", "read_timeout"):
             return EngineTimeout(f"The engine for '{model}' did not answer in time.")
         if self.outcome == "broken":
             return EngineBadResponse(f"The engine for '{model}' closed the connection.")

@@ -85,9 +85,10 @@ class ModelRoute:
         return next((v for v in self.versions if v.deployment.version.name == name), None)
 
     def ready(self) -> bool:
-        now = time.monotonic()
-        return any(r.available(now) for v in self.versions if v.deployment.weight > 0
-                   for r in v.replicas)
+        """A replica of a version with traffic is up and not draining (a passive ejection is
+        a replica's passing state, not the model's readiness)."""
+        return any(r.healthy and not (r.draining or r.engine_draining or r.removed)
+                   for v in self.versions if v.deployment.weight > 0 for r in v.replicas)
 
     def pick(self, tried: Collection[Replica], pinned: VersionGroup | None,
              prefix: affinity.Prefix | None) -> tuple[Replica | None, str | None]:
@@ -268,9 +269,11 @@ class EnginePool:
                         self.apply(event)
             except (OSError, ValueError):
                 pass
-            for replica in self.engines:  # health checks alone, until it is back
-                replica.engine_state = None
-                replica.engine_draining = False
+            # Health checks alone until it is back; a drain it announced stands until its
+            # next snapshot says otherwise.
+            for replica in self.engines:
+                if replica.engine_state is not None:
+                    replica.engine_state = "unknown"
             await asyncio.sleep(retry_s)
 
     def apply(self, status: dict[str, Any]) -> None:
@@ -282,7 +285,7 @@ class EnginePool:
         replica.engine_state = state
         if state == "healthy":
             replica.engine_draining = False
-            if before != "healthy":
+            if before in _DOWN_STATES:  # a fresh engine: nothing of the old one's record
                 replica.reinstate()
                 replica.healthy = True
                 replica.last_alive = time.monotonic()
@@ -331,8 +334,10 @@ class EnginePool:
             if address not in addresses:
                 addresses.append(address)
         prefix = f"{group.deployment.name}/"
+        suffix = f":{endpoint.port}"
         mine = {r.name: r for r in group.replicas if r.server_hostname == endpoint.host
-                and r.name.startswith(prefix)}
+                and r.name.startswith(prefix) and r.name.endswith(suffix)
+                and r.base_url.startswith(f"{endpoint.scheme}://")}
         wanted = {f"{prefix}{_url_host(a)}:{endpoint.port}": a for a in addresses}
         for name, replica in mine.items():
             if name not in wanted and not replica.removed:
@@ -350,9 +355,14 @@ class EnginePool:
         for route in self.routes.values():
             for group in route.versions:
                 if any(r.removed and r.in_flight == 0 for r in group.replicas):
-                    group.replicas = [r for r in group.replicas
-                                      if not (r.removed and r.in_flight == 0)]
+                    gone = [r for r in group.replicas if r.removed and r.in_flight == 0]
+                    group.replicas = [r for r in group.replicas if r not in gone]
                     group.ring = None
+                    for replica in gone:
+                        for tasks in (self._checks, self._scrapes):
+                            task = tasks.pop(replica, None)
+                            if task is not None:
+                                task.cancel()
 
     def _remote(self, dep: Deployment, endpoint: Endpoint, address: str) -> Replica:
         named = not _is_address(endpoint.host)

@@ -69,6 +69,10 @@ class Replica:
     def model(self) -> str:
         return self.deployment.model
 
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
     def available(self, now: float) -> bool:
         if not self.healthy or self.draining or self.engine_draining or self.removed:
             return False

@@ -221,7 +221,10 @@ def test_supervisor_events_apply_at_once(tmp_path: Path) -> None:
     pool = pool_of(tmp_path, {"v1": 100, "v2": 0}, replicas=2)
     route = pool.routes["demo-chat"]
     a, b = up(route)[:2]
+    pool.apply({"replica": a.name, "state": "healthy"})
     a.eject(EjectionPolicy())
+    pool.apply({"replica": a.name, "state": "healthy"})  # a reconnect's snapshot: no change
+    assert not a.available(time.monotonic())
     pool.apply({"replica": a.name, "state": "exited"})
     assert not a.healthy
     pool.apply({"replica": a.name, "state": "healthy"})  # a fresh engine: ejection forgotten
