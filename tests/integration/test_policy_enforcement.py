@@ -117,8 +117,12 @@ async def _streams(url: str, key: str, n: int) -> tuple[int, int, int]:
             "max_tokens": 64, "ignore_eos": True, "stream": True}
     leaver = {**body, "max_tokens": LEAVER_MAX_TOKENS}
     results = {"done": 0, "left": 0, "quota": 0}
+    broken: list[str] = []
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
+        # In order, a few milliseconds apart: both kinds of client are among the first the
+        # budget admits (all at once, the order they reach admission is the machine's whim).
+        await asyncio.sleep(0.005 * i)
         async with client.stream("POST", url + "/v1/chat/completions",
                                  json=leaver if i % 2 else body) as resp:
             if resp.status_code == 429:
@@ -129,6 +133,8 @@ async def _streams(url: str, key: str, n: int) -> tuple[int, int, int]:
             assert resp.status_code == 200, await resp.aread()
             events = 0
             async for line in resp.aiter_lines():
+                if line.startswith('data: {"error"'):
+                    broken.append(line[:300])
                 if line.startswith("data: {"):
                     assert '"usage"' not in line  # the per-event usage is not shown
                     events += 1
@@ -141,6 +147,7 @@ async def _streams(url: str, key: str, n: int) -> tuple[int, int, int]:
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=120,
                                  limits=limits) as client:
         await asyncio.gather(*(one(i, client) for i in range(n)))
+    assert not broken, broken  # every admitted stream ran until it ended or its client left
     return results["done"], results["left"], results["quota"]
 
 
