@@ -140,8 +140,8 @@ class Settings(BaseSettings):
     endpoint_resolve_interval_s: float = Field(
         5.0, gt=0, description="Engine endpoints given by name are re-resolved this often")
     supervisor_socket: Path | None = Field(
-        None, description="The engine supervisor's control socket, for replica events the "
-        "moment they happen; default <data_dir>/run/supervisor.sock (when it exists)")
+        None, description="The engine supervisor's events socket, for replica events the "
+        "moment they happen; default <data_dir>/run/events.sock (followed when it exists)")
     upstream_keepalive_s: float = Field(
         4.0, gt=0, description="Idle pooled connections to engines close after this; keep it "
         "below the engines' own keep-alive (vLLM: 5 s), so the gateway never sends on a "
@@ -237,7 +237,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_supervisor_socket(self) -> Path:
-        return self.supervisor_socket or self.run_dir / "supervisor.sock"
+        return self.supervisor_socket or self.run_dir / "events.sock"
 
     @property
     def resolved_audit_dir(self) -> Path:

@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from serving import server
-from serving.engines.control import ControlServer, socket_path
+from serving.engines.control import READ_ONLY, ControlServer, events_path, socket_path
 from serving.engines.supervisor import Supervisor
 from serving.settings import Settings
 
@@ -41,11 +41,13 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    control = None
+    controls: list[ControlServer] = []
     if supervisor is not None:
         await supervisor.start()
-        control = ControlServer(supervisor, socket_path(settings.run_dir))
-        await control.start()
+        controls = [ControlServer(supervisor, socket_path(settings.run_dir)),
+                    ControlServer(supervisor, events_path(settings.run_dir), READ_ONLY, 0o660)]
+        for control in controls:
+            await control.start()
     gateway = gateway_server(app, settings) if app is not None else None
     tasks: list[asyncio.Task[object]] = []
     if gateway is not None:
@@ -55,7 +57,7 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
             log.error("cannot listen", extra={"error": str(exc)})
             if supervisor is not None:
                 await supervisor.stop()
-            if control is not None:
+            for control in controls:
                 await control.close()
             return 1
         tasks.append(asyncio.create_task(gateway.serve(sockets=sockets)))
@@ -82,7 +84,7 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
             code = 1  # the gateway stopped by itself (port in use, start-up failure)
     if supervisor is not None:
         await supervisor.stop()  # gateways watching the socket hear each replica drain
-    if control is not None:
+    for control in controls:
         await control.close()
     stopper.cancel()
     return code

@@ -1,7 +1,10 @@
-"""The supervisor's control socket: replica events for gateways, drain and start for operators.
+"""The supervisor's sockets: replica events for gateways, drain and start for operators.
 
-A Unix socket in the supervisor's run directory (``supervisor.sock``, mode 0600: whoever can
-use it runs as the platform's user). One JSON object per line. A client sends one request:
+Two Unix sockets in the supervisor's run directory. ``supervisor.sock`` (mode 0600: only the
+supervisor's own user) takes every request below; ``events.sock`` (mode 0660: the supervisor's
+group, which a gateway running as another user joins) answers ``watch`` and ``status`` only, so
+reading replica events never grants draining them. One JSON object per line. A client sends one
+request:
 
 - ``{"op": "watch"}``: the answer is ``{"event": "snapshot", "replicas": [...]}`` and then one
   ``{"event": "replica", ...}`` line each time a replica changes state (starting, healthy,
@@ -34,14 +37,26 @@ MAX_LINE = 64 * 1024
 MAX_DRAIN_S = 3600.0
 
 
+READ_ONLY = frozenset({"watch", "status"})
+
+
 def socket_path(run_dir: Path) -> Path:
+    """Every operation: the supervisor's user only."""
     return run_dir / "supervisor.sock"
 
 
+def events_path(run_dir: Path) -> Path:
+    """Replica events and status only: the supervisor's group (gateways)."""
+    return run_dir / "events.sock"
+
+
 class ControlServer:
-    def __init__(self, supervisor: Supervisor, path: Path) -> None:
+    def __init__(self, supervisor: Supervisor, path: Path,
+                 ops: frozenset[str] | None = None, mode: int = 0o600) -> None:
         self.supervisor = supervisor
         self.path = path
+        self.ops = ops  # None: every op
+        self.mode = mode
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -49,12 +64,13 @@ class ControlServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # never more open than 0600 while it is being made
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
                                                            limit=MAX_LINE)
         finally:
             os.umask(old)
+        os.chmod(self.path, self.mode)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -77,7 +93,9 @@ class ControlServer:
             except (ValueError, KeyError, TypeError):
                 await _send(writer, {"error": "send one JSON object with an 'op'"})
                 return
-            if op == "watch":
+            if self.ops is not None and op not in self.ops:
+                await _send(writer, {"error": f"{op!r} is not served on this socket"})
+            elif op == "watch":
                 await self._watch(reader, writer)
             elif op == "status":
                 await _send(writer, {"event": "snapshot", "replicas": self.supervisor.snapshot()})

@@ -71,8 +71,8 @@ class Engines:
 
     @property
     def socket(self) -> Path:
-        """The supervisor's control socket (gateways follow its replica events)."""
-        return self.data_dir / "run" / "supervisor.sock"
+        """The supervisor's events socket (gateways follow its replica events)."""
+        return self.data_dir / "run" / "events.sock"
 
     def url(self, replica: str) -> str:
         return str(self.state()[replica]["url"])
