@@ -120,7 +120,10 @@ async def _admit(svc: Services, request: Request, prepared: intake.Prepared, pol
     ctx = context(request.scope)
     parsed, inspection, endpoint = prepared.parsed, prepared.inspection, prepared.parsed.endpoint
     bounds = await _tighten(svc.upstream, prepared, policy, ctx.request_id)
-    price = cost.bound(prepared.request, bounds, parsed.route.max_model_len)
+    fallbacks = _fallbacks(svc.pool, policy, parsed)
+    # Reserved for the largest context that may answer: a fallback's may exceed the model's.
+    context_len = max([parsed.route.max_model_len, *(f.max_model_len for f in fallbacks)])
+    price = cost.bound(prepared.request, bounds, context_len)
     cost.check_request_tokens(policy, price)
     output = (svc.protector.output_filter(policy, inspection)
               if endpoint != "embeddings" else None)
@@ -128,8 +131,8 @@ async def _admit(svc: Services, request: Request, prepared: intake.Prepared, pol
     with span.child(tracing.ADMISSION, {tracing.CLIENT: principal.client_id or ""}):
         admission = await svc.gate.admit(principal, policy, parsed.route.name, price)
     ctx.reserved_tokens = price.tokens
-    return RelayResponse(svc.upstream, parsed, ctx, svc.gate, admission, output,
-                         _fallbacks(svc.pool, policy, parsed), span, claim)
+    return RelayResponse(svc.upstream, parsed, ctx, svc.gate, admission, output, fallbacks,
+                         span, claim)
 
 
 def _idempotency_key(request: Request) -> str | None:

@@ -276,28 +276,44 @@ class Upstream:
 
     async def count_tokens(self, route: ModelRoute, body: bytes, request_id: str,
                            pinned: VersionGroup | None = None) -> int | None:
-        """A prompt's length in the model's own tokens, from the engine's ``/tokenize`` (the
-        chat template included for messages); None when no engine could say."""
-        replica, _ = route.pick((), pinned, None)
-        if replica is None:
-            raise self.unavailable(route.name)
-        probe = replica.probing
+        """A prompt's length in the model's own tokens, from an engine's ``/tokenize`` (the
+        chat template included for messages); None when no engine could say. A replica that
+        fails or hangs (the same liveness watch as an attempt) leaves it to one other."""
         headers = {"content-type": "application/json", "x-request-id": request_id}
-        try:
-            async with self._session.post(replica.base_url + "/tokenize", data=body,
-                                          headers=headers, allow_redirects=False,
-                                          server_hostname=replica.server_hostname) as response:
-                if response.status != 200:
+        task = asyncio.current_task()
+        assert task is not None
+        tried: list[Replica] = []
+        for _ in range(2):
+            replica, _ = route.pick(tried, pinned, None)
+            if replica is None:
+                if tried:
                     return None
-                result = orjson.loads(await response.read())
-        except (*TRANSPORT_ERRORS, orjson.JSONDecodeError):
-            return None
-        finally:
-            replica.in_flight -= 1
-            if probe:
-                replica.probing = False  # a /tokenize answer proves little; a request probes
-        count = result.get("count") if isinstance(result, dict) else None
-        return count if isinstance(count, int) else None
+                raise self.unavailable(route.name)
+            tried.append(replica)
+            probe = replica.probing
+            watch = LivenessWatch(replica, self._first_byte, task)
+            try:
+                async with self._session.post(
+                        replica.base_url + "/tokenize", data=body, headers=headers,
+                        allow_redirects=False,
+                        server_hostname=replica.server_hostname) as response:
+                    if response.status != 200:
+                        return None
+                    result = orjson.loads(await response.read())
+            except asyncio.CancelledError:
+                if watch.fired and task.uncancel() == 0:
+                    continue  # hung: another replica may say
+                raise
+            except (*TRANSPORT_ERRORS, orjson.JSONDecodeError):
+                continue
+            finally:
+                watch.cancel()
+                replica.in_flight -= 1
+                if probe:
+                    replica.probing = False  # a /tokenize answer proves little; a request probes
+            count = result.get("count") if isinstance(result, dict) else None
+            return count if isinstance(count, int) else None
+        return None
 
 
 class _Failed(Exception):
