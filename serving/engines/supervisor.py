@@ -265,6 +265,7 @@ class Supervisor:
         if engine.held:
             engine.held = False
             engine.resume.set()
+            self._set(engine, "starting")
             log.info("replica started again", extra={"engine": name})
         return engine.status()
 
@@ -378,7 +379,9 @@ class Supervisor:
         if proc is None or proc.returncode is not None:
             self._set(engine, final_state)
             return
-        grace = engine.deployment.version.engine.shutdown_timeout_s + STOP_GRACE_S
+        grace = STOP_GRACE_S
+        if engine.state in ("healthy", "draining"):  # it may have requests to finish
+            grace += engine.deployment.version.engine.shutdown_timeout_s
         engine.terminating = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
