@@ -26,6 +26,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "engine_restart: kills an engine; runs last")
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``pytest.mark.anyio``) run on asyncio, as the gateway does."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
     cluster = Engines(tmp_path_factory.mktemp("engines"))

@@ -31,10 +31,6 @@ policies:
 """
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 class FakeEngine:
     """An OpenAI-shaped chat answer for any POST; keeps what it was sent."""

@@ -11,7 +11,6 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +18,6 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from serving.admission.idempotency import Claim, IdempotencyService, Replay
-from serving.bench.stores import PostgresServer
 from serving.errors import (
     IdempotencyAnswerNotKept,
     IdempotencyConflict,
@@ -36,18 +34,6 @@ KEY = "order-4711"
 BODY = b'{"model": "demo-chat", "messages": [{"role": "user", "content": "Hello"}]}'
 ANSWER = b'{"id": "chatcmpl-1", "choices": [{"message": {"content": "SECRET-OUTPUT"}}]}'
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
-    pg: PostgresServer = request.getfixturevalue("postgres")
-    return pg.new_database()
 
 
 @pytest.fixture

@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
 from serving.admission.budgets import BudgetLedger, QuotaExceeded
-from serving.bench.stores import PostgresServer
 from serving.domain.policy import Budgets
 from serving.storage import migrate
 from serving.storage.db import create_engine, reservations
@@ -22,18 +20,6 @@ from serving.storage.times import day_key, month_key
 
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
-    pg: PostgresServer = request.getfixturevalue("postgres")
-    return pg.new_database()
 
 
 @pytest.fixture

@@ -13,10 +13,6 @@ from serving.domain.policy import Limits
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 async def test_two_gateways_never_exceed_a_shared_concurrency_limit(
         redis_server: RedisServer) -> None:

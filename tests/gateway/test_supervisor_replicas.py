@@ -19,10 +19,6 @@ from tests.support import REPO
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 def supervisor(tmp_path: Path) -> Supervisor:
     data = yaml.safe_load((REPO / "models" / "demo-chat.yaml").read_text())

@@ -225,10 +225,6 @@ def test_after_shutdown_requests_are_untraced(receiver: OtlpReceiver) -> None:
     assert receiver.spans == []
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @pytest.mark.anyio
 async def test_aclose_flushes_without_holding_the_loop(receiver: OtlpReceiver) -> None:

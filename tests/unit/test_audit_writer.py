@@ -24,10 +24,6 @@ pytestmark = pytest.mark.anyio
 SECRET_PROMPT = "my card is 4111 1111 1111 1111"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 def outcome(request_id: str, content: str = "none", status: int = 200):  # type: ignore[no-untyped-def]
     ctx = RequestContext(request_id=request_id, started=0.0, endpoint="chat")

@@ -21,10 +21,6 @@ async def create_schema(db) -> None:  # type: ignore[no-untyped-def]
         await ClientRepository(db).add(name, "default")
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 @pytest.fixture
 async def service(tmp_path: Path):  # type: ignore[no-untyped-def]

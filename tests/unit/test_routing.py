@@ -23,10 +23,6 @@ from tests.support import REPO
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
 
 def manifest(tmp_path: Path, split: dict[str, int], replicas: int = 1,
              **engine: object) -> Path:

@@ -21,11 +21,6 @@ from tests.support.tokens import hs256, segment
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def local(tmp_path: Path) -> Any:
     """Our issuer and verifier in-process, on a fresh database: the only way to sign tokens
     with bad claims under a genuine key."""
