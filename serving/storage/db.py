@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     event,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -157,3 +158,9 @@ def create_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def dialect_insert(engine: AsyncEngine, table: Table):  # type: ignore[no-untyped-def]
+    """An INSERT with the dialect's ``on_conflict_do_*`` (PostgreSQL's or SQLite's)."""
+    return (postgresql.insert(table) if engine.dialect.name == "postgresql"
+            else sqlite.insert(table))

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Table, and_, delete, or_, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from serving.storage.db import idempotency_keys
+from serving.storage.db import dialect_insert, idempotency_keys
 from serving.storage.times import utc
 
 Row = idempotency_keys.c
@@ -65,11 +64,9 @@ def _record(row: object) -> IdempotencyRecord:
 class IdempotencyRepository:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._dialect = engine.dialect.name
 
     def _insert(self, table: Table):  # type: ignore[no-untyped-def]
-        return (postgresql.insert(table) if self._dialect == "postgresql"
-                else sqlite.insert(table))
+        return dialect_insert(self._engine, table)
 
     @staticmethod
     def _key(client_id: str, key_hash: str):  # type: ignore[no-untyped-def]

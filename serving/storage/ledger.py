@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Table, and_, bindparam, delete, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from serving.storage.db import budget_counters, reservations, usage_daily
+from serving.storage.db import budget_counters, dialect_insert, reservations, usage_daily
 
 Counter = budget_counters.c
 Usage = usage_daily.c
@@ -86,8 +85,7 @@ class LedgerRepository:
         self._dialect = engine.dialect.name
 
     def _insert(self, table: Table):  # type: ignore[no-untyped-def]
-        return (postgresql.insert(table) if self._dialect == "postgresql"
-                else sqlite.insert(table))
+        return dialect_insert(self._engine, table)
 
     async def apply(self, ops: Sequence[Op]) -> list[str | None]:
         """Apply a batch in one transaction. For each op: None when done, or for a refused
