@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 
 from serving.domain.manifest import FORBIDDEN_ENGINE_ENV, Deployment
+from serving.engines import vllm_metrics
 from serving.engines.environment import EngineEnvironment
 
 log = logging.getLogger("enclave.supervisor")
@@ -42,6 +43,7 @@ BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # an engine healthy this long has its backoff reset
 STOP_GRACE_S = 15.0  # past the engine's own --shutdown-timeout
+_BUSY = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 DRAIN_SETTLE_S = 1.0  # gateways have stopped picking a draining replica by then
 # Environment for every engine: offline, and no usage statistics sent anywhere.
 ENGINE_ENV = {
@@ -422,12 +424,8 @@ async def _engine_busy(client: httpx.AsyncClient, url: str) -> float | None:
         return None
     if resp.status_code != 200:
         return None
-    total = 0.0
-    for line in resp.text.splitlines():
-        if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting")):
-            with contextlib.suppress(ValueError, IndexError):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    found = vllm_metrics.samples(resp.content, _BUSY)
+    return sum(sum(values) for values in found.values())
 
 
 async def _healthy(client: httpx.AsyncClient, url: str, limit_s: float = 2.0) -> bool:

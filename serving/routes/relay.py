@@ -114,10 +114,8 @@ class RelayResponse(Response):
         ctx.upstream_status = response.status
         try:  # open() counted the attempt in replica.in_flight; release() gives it back
             if response.status != 200:
-                status = response.status
                 # A refusal of this request, relayed; anything else is the engine's failure.
-                self._outcome = ("engine_4xx" if 400 <= status < 500 and status not in (401, 403)
-                                 else "engine_error")
+                self._outcome = "engine_4xx" if _refusal(response.status) else "engine_error"
                 await self._relay_error(send, response)
             elif p.stream:
                 await self._relay_stream(send, response, attempt.first, replica)
@@ -256,7 +254,7 @@ class RelayResponse(Response):
         message, which quotes the refused values); anything else becomes a 502."""
         body = await _read_capped(response)
         status = response.status
-        if 400 <= status < 500 and status not in (401, 403):
+        if _refusal(status):
             self.ctx.error_code = f"upstream_{status}"  # answered here, not by routes.errors
             self.gate.reckon(self.admission, self.ctx)
             param = {"chat": "messages", "completions": "prompt"}.get(self.parsed.endpoint,
@@ -268,6 +266,12 @@ class RelayResponse(Response):
             return
         raise EngineBadResponse(
             f"The engine for '{self.parsed.route.name}' failed ({status}).")
+
+
+def _refusal(status: int) -> bool:
+    """The engine refused this request (relayed to the client in the gateway's words), as
+    opposed to failing (401/403 from an engine is the gateway's fault, not the client's)."""
+    return 400 <= status < 500 and status not in (401, 403)
 
 
 async def _chunks(first: bytes, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

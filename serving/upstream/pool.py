@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from serving.domain.manifest import Deployment, Endpoint, Manifest
-from serving.engines import control
+from serving.engines import control, vllm_metrics
 from serving.upstream import affinity, balancer
 from serving.upstream.replicas import EjectionPolicy, Replica
 
@@ -47,8 +47,7 @@ log = logging.getLogger("enclave.engines")
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_STRIKES = 3
 SCRAPE_TIMEOUT_S = 1.0
-_LOAD_METRICS = (b"vllm:num_requests_waiting{", b"vllm:kv_cache_usage_perc{",
-                 b"vllm:num_requests_waiting ", b"vllm:kv_cache_usage_perc ")
+_WAITING, _KV = "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
 _DOWN_STATES = frozenset({"starting", "backoff", "exited", "held", "stopped"})
 
 
@@ -384,20 +383,10 @@ class EnginePool:
 
 
 def parse_load(text: bytes) -> tuple[float | None, float | None]:
-    """The sums of vLLM's waiting requests and KV-cache use over its samples."""
-    waiting = kv = None
-    for line in text.splitlines():
-        if not line.startswith(_LOAD_METRICS):
-            continue
-        try:
-            value = float(line.rsplit(b" ", 1)[1])
-        except (ValueError, IndexError):
-            continue
-        if line.startswith(b"vllm:num_requests_waiting"):
-            waiting = (waiting or 0.0) + value
-        else:
-            kv = max(kv or 0.0, value)
-    return waiting, kv
+    """The sum of vLLM's waiting requests and the highest KV-cache use over its samples."""
+    found = vllm_metrics.samples(text, (_WAITING, _KV))
+    waiting, kv = found[_WAITING], found[_KV]
+    return (sum(waiting) if waiting else None), (max(kv) if kv else None)
 
 
 def _keep_running(tasks: dict[Replica, asyncio.Task[None]], replica: Replica,
