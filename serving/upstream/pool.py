@@ -141,7 +141,6 @@ class EnginePool:
         self._named: list[tuple[VersionGroup, Endpoint]] = []  # endpoints resolved by name
         self._checks: dict[Replica, asyncio.Task[None]] = {}
         self._scrapes: dict[Replica, asyncio.Task[None]] = {}
-        self.on_change: Callable[[], None] | None = None
         for manifest in manifests:
             deps = manifest.deployments()
             route = ModelRoute(
@@ -298,8 +297,6 @@ class EnginePool:
                                                   "reason": f"supervisor: {state}"})
             replica.healthy = False
             replica.last_error = f"supervisor: {state}"
-        if before != state and self.on_change is not None:
-            self.on_change()
 
     # -- endpoints by name -----------------------------------------------------------------
 

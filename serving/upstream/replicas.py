@@ -66,10 +66,6 @@ class Replica:
     load_at: float = -math.inf
 
     @property
-    def model(self) -> str:
-        return self.deployment.model
-
-    @property
     def port(self) -> int:
         return int(self.base_url.rsplit(":", 1)[1])
 
