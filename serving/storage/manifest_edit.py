@@ -1,0 +1,60 @@
+"""Adding a version to a model's manifest file, keeping the operator's comments and layout
+(ruamel.yaml's round trip), validated as a whole before the file is replaced."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from serving.domain.manifest import Manifest, ManifestError
+from serving.storage.manifests import load_manifests
+
+
+def _yaml() -> YAML:
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 100
+    return yaml
+
+
+def add_version(models_dir: Path, model: str, version: str, source_path: Path, revision: str,
+                sums: dict[str, str]) -> dict[str, Any]:
+    """Append ``version`` (weights in ``source_path``, pinned by ``sums``) to ``model``'s
+    manifest at traffic weight 0, its engine block copied from the newest version and moved to
+    ports no manifest uses. Returns the new version as written. Raises ``ManifestError``."""
+    path = models_dir / f"{model}.yaml"
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest for model '{model}'; write one first")
+    yaml = _yaml()
+    data = yaml.load(path.read_text())
+    versions = data["versions"]
+    if any(v["name"] == version for v in versions):
+        raise ManifestError(f"{path}: version '{version}' exists already")
+    used = {port for m in load_manifests(models_dir) for d in m.deployments()
+            for _, port, _ in d.version.engine.local_replicas()}
+    engine = json.loads(json.dumps(versions[-1]["engine"]))  # plain values: no comments
+    replicas = int(engine.get("replicas", 1))
+    port = max(used) + 1 if used else int(engine["port"])
+    while any(p in used for p in range(port, port + max(replicas, 1))):
+        port += 1
+    engine["port"] = port
+    entry = {"name": version, "source": {"kind": "path", "path": str(source_path)},
+             "revision": revision, "sha256": dict(sorted(sums.items())), "engine": engine}
+    versions.append(entry)
+    data["traffic"][version] = 0
+    out = io.StringIO()
+    yaml.dump(data, out)
+    text = out.getvalue()
+    try:  # the whole file must still be a valid manifest
+        Manifest.model_validate(YAML(typ="safe").load(text))
+    except Exception as exc:
+        raise ManifestError(f"{path}: the new version would not be valid: {exc}") from None
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return entry
