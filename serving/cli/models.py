@@ -93,11 +93,11 @@ def list_() -> None:
         manifests = load_manifests(settings.models_dir)
     except ManifestError as exc:
         fail(str(exc))
-    table = Table("model", "task", "version", "traffic", "port", "source")
+    table = Table("model", "task", "version", "state", "traffic", "port", "source")
     for m in manifests:
-        for dep in m.deployments():
+        for dep in m.all_deployments():
             src = dep.version.source
-            table.add_row(m.name, m.task, dep.version.name, f"{dep.weight}%",
+            table.add_row(m.name, m.task, dep.version.name, dep.version.state, f"{dep.weight}%",
                           str(dep.port), f"{src.kind}:{src.package or ''}{src.path}")
     stdout.print(table)
 
@@ -139,7 +139,8 @@ def import_cmd(name: str, src: Path, version: str, revision: str | None) -> None
     except (StoreError, ManifestError) as exc:
         fail(str(exc))
     stdout.print(f"imported {name}@{version}: {len(sums)} files, engine port "
-                 f"{entry['engine']['port']}, traffic 0", markup=False)
+                 f"{entry['engine']['port']}, staged (traffic 0, no engine until a rollout starts "
+                 f"it: enclave rollout start {name} {version})", markup=False)
 
 
 @models.command("verify")
@@ -152,7 +153,7 @@ def verify_cmd(target: str) -> None:
         manifest = next(m for m in load_manifests(settings.models_dir) if m.name == name)
     except (ManifestError, StopIteration):
         fail(f"no valid manifest for model '{name}' in {settings.models_dir}")
-    deps = [d for d in manifest.deployments() if not only or d.version.name == only]
+    deps = [d for d in manifest.all_deployments() if not only or d.version.name == only]
     if not deps:
         fail(f"{name} has no version '{only}'")
     env = None

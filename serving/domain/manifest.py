@@ -40,6 +40,9 @@ FORBIDDEN_ENGINE_ENV = frozenset({
 })
 
 Task = Literal["chat", "embed"]
+# serving: its engines run and it may take traffic; staged: imported, engines not started (a
+# rollout starts them); retired: rolled back or replaced, engines stopped.
+VersionState = Literal["serving", "staged", "retired"]
 ENDPOINTS_BY_TASK: dict[str, frozenset[str]] = {
     "chat": frozenset({"chat", "completions"}),
     "embed": frozenset({"embeddings"}),
@@ -187,6 +190,7 @@ class Version(BaseModel):
     revision: str
     sha256: dict[str, str] = Field(default_factory=dict)
     engine: Engine
+    state: VersionState = "serving"
 
     @field_validator("sha256")
     @classmethod
@@ -239,9 +243,21 @@ class Manifest(BaseModel):
             raise ValueError(f"traffic names unknown versions: {sorted(unknown)}")
         if any(w < 0 for w in self.traffic.values()) or sum(self.traffic.values()) != 100:
             raise ValueError("traffic weights must be non-negative and add up to 100")
+        idle = sorted(v.name for v in self.versions
+                      if v.state != "serving" and self.traffic.get(v.name, 0) > 0)
+        if idle:
+            raise ValueError(f"versions {idle} have traffic but are not in state 'serving'")
         return self
 
+    def version(self, name: str) -> Version | None:
+        return next((v for v in self.versions if v.name == name), None)
+
     def deployments(self) -> list[Deployment]:
+        """The versions in state ``serving``: the ones with engines and routes."""
+        return [d for d in self.all_deployments() if d.version.state == "serving"]
+
+    def all_deployments(self) -> list[Deployment]:
+        """Every version, staged and retired ones too."""
         return [Deployment(model=self.name, task=self.task, version=v,
                            weight=self.traffic.get(v.name, 0)) for v in self.versions]
 

@@ -35,7 +35,7 @@ def add_version(models_dir: Path, model: str, version: str, source_path: Path, r
     versions = data["versions"]
     if any(v["name"] == version for v in versions):
         raise ManifestError(f"{path}: version '{version}' exists already")
-    used = {port for m in load_manifests(models_dir) for d in m.deployments()
+    used = {port for m in load_manifests(models_dir) for d in m.all_deployments()
             for _, port, _ in d.version.engine.local_replicas()}
     engine = json.loads(json.dumps(versions[-1]["engine"]))  # plain values: no comments
     replicas = int(engine.get("replicas", 1))
@@ -44,7 +44,8 @@ def add_version(models_dir: Path, model: str, version: str, source_path: Path, r
         port += 1
     engine["port"] = port
     entry = {"name": version, "source": {"kind": "path", "path": str(source_path)},
-             "revision": revision, "sha256": dict(sorted(sums.items())), "engine": engine}
+             "revision": revision, "sha256": dict(sorted(sums.items())), "engine": engine,
+             "state": "staged"}
     versions.append(entry)
     data["traffic"][version] = 0
     out = io.StringIO()
