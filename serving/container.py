@@ -29,6 +29,7 @@ from serving.audit.trail import AuditTrail
 from serving.auth.clients import ClientService
 from serving.auth.keys import KeyService
 from serving.auth.tokens import ExternalIdP, TokenIssuer, TokenVerifier
+from serving.domain.manifest import Manifest
 from serving.metrics import GatewayMetrics
 from serving.pipeline.offload import Offload
 from serving.protection.protector import Protector
@@ -39,6 +40,7 @@ from serving.storage.db import create_engine
 from serving.storage.idempotency import IdempotencyRepository
 from serving.storage.keys import KeyRepository
 from serving.storage.ledger import LedgerRepository
+from serving.storage.manifest_watch import ManifestWatcher
 from serving.storage.signing import SigningKeyRepository
 from serving.tracing import Tracing
 from serving.upstream.client import Upstream, new_session
@@ -161,6 +163,7 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         asyncio.create_task(limiter.maintain()),
         asyncio.create_task(state.keys.keep_last_used(settings.last_used_flush_s)),
         asyncio.create_task(_refresh_signing_keys(state.issuer)),
+        asyncio.create_task(_manifest_watcher(settings, pool, policies, metrics).run()),
     ]
     log.info("gateway ready", extra={
         "models": sorted(pool.routes), "version": __version__,
@@ -186,6 +189,22 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         offload.close()
         await tracing.aclose()
         await trail.close()  # the last records, a signed checkpoint, fsync
+
+
+def _manifest_watcher(settings: Settings, pool: EnginePool, policies: PolicyStore,
+                      metrics: GatewayMetrics) -> ManifestWatcher:
+    """The routes follow the manifests; a set the pool refuses (ValueError: a plain-HTTP or
+    public endpoint) is logged by the watcher and the running set stays."""
+
+    def apply(manifests: list[Manifest]) -> None:
+        pool.update(manifests)
+        # A new model may be named by the next policy file; one that left stays known, so
+        # the policies in force keep loading.
+        policies.known_models.update(pool.routes)
+        metrics.prime({name: [r.name for r in route.replicas]
+                       for name, route in pool.routes.items()})
+
+    return ManifestWatcher(settings.models_dir, apply, settings.manifest_reload_interval_s)
 
 
 async def _refresh_signing_keys(issuer: TokenIssuer, interval_s: float = 30.0) -> None:

@@ -109,6 +109,20 @@ class GatewayMetrics:
         self.replica_in_flight = Gauge(
             "enclave_replica_in_flight", "Requests this gateway has outstanding on the "
             "replica.", replica, registry=r, multiprocess_mode="livesum")
+        self.rollout_step = Gauge(
+            "enclave_rollout_step_percent", "The canary's share in the rollout's current step "
+            "(0 before the first step; absent with no rollout under way).", ["model", "version"],
+            registry=r, multiprocess_mode="livemax")
+        self.rollout_weight = Gauge(
+            "enclave_rollout_weight", "Each version's traffic weight (percent) as the gateway "
+            "routes now.", ["model", "version"], registry=r, multiprocess_mode="livemax")
+        self.rollout_transitions = Counter(
+            "enclave_rollout_transitions", "Rollout state changes made by this gateway's "
+            "controller, by the state entered.", ["model", "state"], registry=r)
+        self.rollouts_finished = Counter(
+            "enclave_rollouts_finished", "Rollouts ended, by outcome (promoted, rolled_back, "
+            "failed) and trigger (automatic: the controller decided; manual: an operator).",
+            ["model", "outcome", "trigger"], registry=r)
         self.model_replicas = Gauge(
             "enclave_model_replicas", "Replicas known for the model.", ["model"], registry=r,
             multiprocess_mode="livemostrecent")

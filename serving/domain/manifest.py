@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.domain.rollout import RolloutPolicy
+
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 # Engine flags the supervisor owns: a manifest must not move the engine off loopback or expose
 # vLLM's development endpoints.
@@ -227,6 +229,7 @@ class Manifest(BaseModel):
     versions: list[Version] = Field(min_length=1)
     traffic: dict[str, int]
     routing: Routing = Field(default_factory=Routing)
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
 
     @property
     def prefix_affinity(self) -> bool:

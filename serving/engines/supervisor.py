@@ -14,6 +14,11 @@ that need to map processes to replicas (the GPU exporter, tests), and serves a c
 (``control.py``): gateways watching it learn at once when a replica starts, becomes healthy,
 starts draining or exits; operators drain a replica (no new requests, stopped once the engine
 has nothing left to do) and start it again.
+
+The set of deployments can change while it runs (``update``, from the manifests): a new
+replica starts (its weights verified first) without touching the others; one no longer wanted
+is drained like ``drain`` and then leaves for good; a change to a running replica's command
+line or environment waits for a restart (it is logged, never applied by restarting it).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,16 +183,28 @@ class Supervisor:
                  host: str = "127.0.0.1") -> None:
         self.env = env
         self.run_dir = run_dir
+        self.host = host
+        self._resolve_dir = resolve_dir
         self.engines: list[EngineProcess] = []
         for dep in deployments:
             model_dir = resolve_dir(dep)
             for index, port, devices in dep.version.engine.local_replicas():
-                name = dep.replica_name(index).replace("/", "-")
-                self.engines.append(EngineProcess(dep, index, port, devices, model_dir, host,
-                                                  run_dir / "logs" / f"{name}.log"))
+                self.engines.append(self._engine(dep, index, port, devices, model_dir))
+        self._at_start = list(self.engines)  # what ``wait_healthy`` waits for
         self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._tasks: dict[EngineProcess, asyncio.Task[None]] = {}  # each one's keep-alive
         self._listeners: set[Callable[[dict[str, object]], None]] = set()
+        self._updating = asyncio.Lock()
+        self._wanted: list[Deployment] | None = None  # the set ``update`` was last given
+        self._retiring: dict[EngineProcess, asyncio.Task[None]] = {}
+        self._pending: dict[str, Deployment] = {}  # changes waiting for a restart (warned)
+
+    def _engine(self, dep: Deployment, index: int, port: int, devices: str | None,
+                model_dir: Path) -> EngineProcess:
+        name = dep.replica_name(index).replace("/", "-")
+        return EngineProcess(dep, index, port, devices, model_dir, self.host,
+                             self.run_dir / "logs" / f"{name}.log")
 
     @property
     def state_file(self) -> Path:
@@ -211,13 +229,20 @@ class Supervisor:
     async def start(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._write_state()
-        self._tasks = [asyncio.create_task(self._keep_alive(e), name=f"engine-{e.name}")
-                       for e in self.engines]
+        self._started = True
+        self._at_start = list(self.engines)
+        self._tasks = {e: self._spawn(e) for e in self.engines}
+
+    def _spawn(self, engine: EngineProcess) -> asyncio.Task[None]:
+        return asyncio.create_task(self._keep_alive(engine), name=f"engine-{engine.name}")
 
     async def wait_healthy(self, timeout_s: float) -> bool:
+        """Every replica there at start (and still wanted) is healthy, the held ones aside;
+        one added later is not waited for."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(e.state == "healthy" for e in self.engines if not e.held):
+            if all(e.state == "healthy" for e in self._at_start
+                   if not e.held and e in self.engines):
                 return True
             await asyncio.sleep(0.5)
         return False
@@ -226,13 +251,17 @@ class Supervisor:
         """Stop every replica: gateways are told first (no new requests), then each engine
         gets SIGTERM and its --shutdown-timeout to finish what it has."""
         self._stopping.set()
+        for task in list(self._retiring.values()):  # their engines are stopped below
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for engine in self.engines:
             if engine.state == "healthy":
                 self._set(engine, "draining")
         await asyncio.gather(*(self._terminate(e) for e in self.engines))
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
-        for task in self._tasks:
+        for task in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._write_state()
@@ -264,12 +293,126 @@ class Supervisor:
         engine = self.replica(name)
         if engine is None:
             raise LookupError(name)
-        if engine.held:
+        if engine.held and engine not in self._retiring:  # a retiring one stays stopped
             engine.held = False
             engine.resume.set()
             self._set(engine, "starting")
             log.info("replica started again", extra={"engine": name})
         return engine.status()
+
+    # -- the deployments, changed while running ---------------------------------------------
+
+    async def update(self, deployments: list[Deployment]) -> None:
+        """Run what ``deployments`` want, never restarting or pausing a replica that stays.
+
+        A wanted replica that is not running starts (its version's weights verified first: a
+        version that fails is not started, and the error names the file). One no longer wanted
+        (its version retired, staged or gone, or fewer replicas) is drained like ``drain``, in
+        a task of its own, then leaves. A running replica whose command line or environment
+        would change keeps running as it is ("restart to apply"); any other change (traffic
+        weights, metadata) is taken in place."""
+        async with self._updating:
+            if self._stopping.is_set():
+                return
+            self._wanted = deployments
+            wanted = {dep.replica_name(index): (dep, index, port, devices)
+                      for dep in deployments
+                      for index, port, devices in dep.version.engine.local_replicas()}
+            for engine in list(self.engines):
+                if engine.name not in wanted and engine not in self._retiring:
+                    self._retiring[engine] = asyncio.create_task(
+                        self._retire(engine), name=f"retire-{engine.name}")
+            new: dict[str, list[tuple[Deployment, int, int, str | None]]] = {}
+            for name, (dep, index, port, devices) in wanted.items():
+                running = self.replica(name)
+                if running is None:
+                    new.setdefault(dep.name, []).append((dep, index, port, devices))
+                elif running not in self._retiring:  # else started again once stopped
+                    self._reconcile(running, dep, port, devices)
+            for replicas in new.values():
+                await self._add(replicas)
+
+    def _reconcile(self, engine: EngineProcess, dep: Deployment, port: int,
+                   devices: str | None) -> None:
+        if dep == engine.deployment and port == engine.port and devices == engine.devices:
+            self._pending.pop(engine.name, None)
+            return
+        old, now = engine.deployment.version, dep.version
+        changes = [what for what, a, b in (
+            ("port", engine.port, port), ("devices", engine.devices, devices),
+            ("source", old.source, now.source), ("sha256", old.sha256, now.sha256),
+            *((f"engine.{f}", getattr(old.engine, f), getattr(now.engine, f))
+              for f in ("args", "env", "max_model_len", "shutdown_timeout_s"))) if a != b]
+        if not changes:
+            engine.deployment = dep
+            self._pending.pop(engine.name, None)
+            return
+        if self._pending.get(engine.name) != dep:
+            self._pending[engine.name] = dep
+            log.warning("replica changed in its manifest; restart to apply", extra={
+                "engine": engine.name, "changed": changes})
+
+    async def _add(self, replicas: list[tuple[Deployment, int, int, str | None]]) -> None:
+        """New replicas of one deployment, started once its weights check out."""
+        dep = replicas[0][0]
+        same = next((e for e in self.engines if e.deployment.name == dep.name
+                     and e.deployment.version.source == dep.version.source
+                     and e.deployment.version.sha256 == dep.version.sha256), None)
+        if same is not None:  # verified when it started
+            model_dir = same.model_dir
+        else:
+            try:
+                model_dir = await asyncio.to_thread(self._resolve_dir, dep)
+                await asyncio.to_thread(verify_weights, model_dir, dep.version.sha256)
+            except (WeightsError, OSError, subprocess.SubprocessError) as exc:
+                log.error("weights check failed; the version is not started", extra={
+                    "deployment": dep.name, "error": str(exc)})
+                return
+        if self._stopping.is_set():
+            return
+        for _, index, port, devices in replicas:
+            engine = self._engine(dep, index, port, devices, model_dir)
+            self.engines.append(engine)
+            if self._started:
+                self._tasks[engine] = self._spawn(engine)
+            log.info("replica added", extra={"engine": engine.name, "port": port,
+                                             "devices": devices})
+        self._write_state()
+
+    async def _retire(self, engine: EngineProcess) -> None:
+        """A replica no longer wanted, drained like ``drain`` (gateways hear ``draining``
+        first; the engine finishes its requests, up to its version's shutdown timeout), then
+        gone: a last ``stopped`` event, and it leaves ``engines`` and engines.json."""
+        try:
+            deadline_s = float(engine.deployment.version.engine.shutdown_timeout_s)
+            started = time.monotonic()
+            serving = engine.state == "healthy"
+            engine.held = True  # its keep-alive starts nothing new
+            engine.resume.clear()
+            self._set(engine, "draining")
+            log.info("replica no longer wanted; draining", extra={
+                "engine": engine.name, "deadline_s": deadline_s})
+            idle = await self._until_idle(engine, started + deadline_s) if serving else True
+            await self._terminate(engine)
+            task = self._tasks.pop(engine, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._set(engine, "stopped")  # the last word, whatever its keep-alive said
+            self.engines.remove(engine)
+            self._pending.pop(engine.name, None)
+            self._write_state()
+            log.info("replica removed", extra={
+                "engine": engine.name, "idle_at_stop": idle,
+                "waited_s": round(time.monotonic() - started, 3)})
+        finally:
+            self._retiring.pop(engine, None)
+        wanted = self._wanted or []
+        if not self._stopping.is_set() and any(
+                engine.name == d.replica_name(i) for d in wanted
+                for i, _, _ in d.version.engine.local_replicas()):
+            await self.update(wanted)  # wanted again while it was stopping: a fresh one
 
     async def _until_idle(self, engine: EngineProcess, deadline: float) -> bool:
         """Until the engine has no request running or waiting, by its own metrics, twice in

@@ -107,7 +107,7 @@ class RelayResponse(Response):
         fallbacks = [(route, partial(p.body_for, route.name)) for route in self.fallbacks]
         attempt = await self.upstream.open(
             p.route, PATHS[p.endpoint], p.body, ctx, stream=p.stream, pinned=p.pinned,
-            prefix=p.affinity, fallbacks=fallbacks, span=self.span)
+            prefix=p.affinity, bucket=p.bucket, fallbacks=fallbacks, span=self.span)
         replica, response = attempt.replica, attempt.response
         ctx.engine = replica.name
         ctx.version = replica.deployment.version.name

@@ -22,6 +22,45 @@ def _yaml() -> YAML:
     return yaml
 
 
+def _write(path: Path, yaml: YAML, data: Any) -> None:
+    out = io.StringIO()
+    yaml.dump(data, out)
+    text = out.getvalue()
+    try:  # the whole file must still be a valid manifest
+        Manifest.model_validate(YAML(typ="safe").load(text))
+    except Exception as exc:
+        raise ManifestError(f"{path}: the change would not be valid: {exc}") from None
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def set_versions(models_dir: Path, model: str, *, states: dict[str, str] | None = None,
+                 traffic: dict[str, int] | None = None) -> None:
+    """Set versions' states and (all of) the traffic split in ``model``'s manifest, comments
+    and layout kept; refused (``ManifestError``) when the result would not validate."""
+    path = models_dir / f"{model}.yaml"
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest for model '{model}'")
+    yaml = _yaml()
+    data = yaml.load(path.read_text())
+    by_name = {v["name"]: v for v in data["versions"]}
+    for version, state in (states or {}).items():
+        if version not in by_name:
+            raise ManifestError(f"{path}: no version '{version}'")
+        if state == "serving" and "state" in by_name[version]:
+            del by_name[version]["state"]  # the default
+        elif state != "serving":
+            by_name[version]["state"] = state
+    if traffic is not None:
+        for version in list(data["traffic"]):
+            if version not in traffic:
+                del data["traffic"][version]
+        for version, weight in traffic.items():
+            data["traffic"][version] = weight
+    _write(path, yaml, data)
+
+
 def add_version(models_dir: Path, model: str, version: str, source_path: Path, revision: str,
                 sums: dict[str, str]) -> dict[str, Any]:
     """Append ``version`` (weights in ``source_path``, pinned by ``sums``) to ``model``'s
@@ -48,14 +87,5 @@ def add_version(models_dir: Path, model: str, version: str, source_path: Path, r
              "state": "staged"}
     versions.append(entry)
     data["traffic"][version] = 0
-    out = io.StringIO()
-    yaml.dump(data, out)
-    text = out.getvalue()
-    try:  # the whole file must still be a valid manifest
-        Manifest.model_validate(YAML(typ="safe").load(text))
-    except Exception as exc:
-        raise ManifestError(f"{path}: the new version would not be valid: {exc}") from None
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _write(path, yaml, data)
     return entry

@@ -138,7 +138,7 @@ class Upstream:
 
     async def open(self, route: ModelRoute, path: str, body: bytes, ctx: RequestContext, *,
                    stream: bool, pinned: VersionGroup | None = None,
-                   prefix: Prefix | None = None,
+                   prefix: Prefix | None = None, bucket: int | None = None,
                    fallbacks: Sequence[tuple[ModelRoute, Callable[[], bytes]]] = (),
                    span: Span = UNTRACED) -> Attempt:
         """The first attempt that gets its first byte; raises ``GatewayError`` when none
@@ -151,7 +151,7 @@ class Upstream:
         route.budget.deposit()
         remaining = list(fallbacks) if pinned is None else []
         while True:
-            replica, affinity = route.pick(tried, pinned, prefix)
+            replica, affinity = route.pick(tried, pinned, prefix, bucket)
             if affinity is not None:
                 metrics.count_affinity(route.name, affinity)
             if replica is None:

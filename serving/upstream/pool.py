@@ -19,6 +19,10 @@ replica's ``/metrics`` at most every second for models that use it.
 
 An operator can drain a deployment or one replica on this gateway (the admin API); the
 supervisor drains a replica for every gateway (``enclave engines drain``).
+
+The manifests change while it runs (``update``, from ``storage.manifest_watch``): routes,
+versions and replicas are reconciled in place, and what leaves takes no new request at once
+but keeps the requests it has until they end.
 """
 
 from __future__ import annotations
@@ -74,7 +78,20 @@ class ModelRoute:
     engine_load: bool = True
     budget: balancer.RetryBudget = field(default_factory=balancer.RetryBudget)
     round_robin: bool = False  # the manifest's balance: round_robin (no load, no affinity)
+    # A rollout's weights (version name -> percent), in place of the manifest's traffic split
+    # while one runs; every gateway reads the same ones from the state database.
+    weights: dict[str, int] | None = None
     _turn: int = 0
+
+    def weight_of(self, group: VersionGroup) -> int:
+        if self.weights is not None:
+            return self.weights.get(group.deployment.version.name, 0)
+        return group.deployment.weight
+
+    def split(self) -> bool:
+        """More than one version takes traffic: requests are assigned to versions by their
+        conversation's bucket (``upstream.split``)."""
+        return sum(1 for v in self.versions if self.weight_of(v) > 0) > 1
 
     @property
     def replicas(self) -> list[Replica]:
@@ -87,26 +104,39 @@ class ModelRoute:
         """A replica of a version with traffic is up and not draining (a passive ejection is
         a replica's passing state, not the model's readiness)."""
         return any(r.healthy and not (r.draining or r.engine_draining or r.removed)
-                   for v in self.versions if v.deployment.weight > 0 for r in v.replicas)
+                   for v in self.versions if self.weight_of(v) > 0 for r in v.replicas)
 
     def pick(self, tried: Collection[Replica], pinned: VersionGroup | None,
-             prefix: affinity.Prefix | None) -> tuple[Replica | None, str | None]:
+             prefix: affinity.Prefix | None, bucket: int | None = None
+             ) -> tuple[Replica | None, str | None]:
         """A replica for the next attempt (never one in ``tried``), counted as taken; with the
-        affinity result (hit, miss, overloaded) when affinity decided. None: none available."""
+        affinity result (hit, miss, overloaded) when affinity decided. None: none available.
+        ``bucket`` (0..9999, the request's conversation): which version it belongs to when
+        several take traffic, the same one for the whole conversation; when that version has
+        no replica left to try, another version takes the request."""
         now = time.monotonic()
         if pinned is not None:
             group: VersionGroup | None = pinned
             candidates = balancer.exclude(pinned.replicas, tried, now)
         else:
             groups = []
+            sticky: VersionGroup | None = None
+            upto = 0
             for v in self.versions:
-                if v.deployment.weight > 0:
+                weight = self.weight_of(v)
+                if weight > 0:
+                    upto += weight * 100
+                    if bucket is not None and sticky is None and bucket < upto:
+                        sticky = v
                     found = balancer.exclude(v.replicas, tried, now)
                     if found:
-                        groups.append((v.deployment.weight, found, v))
+                        groups.append((weight, found, v))
             if not groups:
                 return None, None
-            if len(groups) == 1:
+            mine = next((g for g in groups if g[2] is sticky), None)
+            if mine is not None:
+                _, candidates, group = mine
+            elif len(groups) == 1:
                 _, candidates, group = groups[0]
             else:
                 candidates = balancer.weighted([(w, c) for w, c, _ in groups])
@@ -141,28 +171,12 @@ class EnginePool:
         self._named: list[tuple[VersionGroup, Endpoint]] = []  # endpoints resolved by name
         self._checks: dict[Replica, asyncio.Task[None]] = {}
         self._scrapes: dict[Replica, asyncio.Task[None]] = {}
+        self._engine_host = engine_host
+        self._retry_ratio = retry_ratio
+        self._retiring: set[VersionGroup] = set()  # no longer serving: dropped once idle
+        self._check_schemes(manifests)
         for manifest in manifests:
-            deps = manifest.deployments()
-            route = ModelRoute(
-                name=manifest.name, task=manifest.task,
-                max_model_len=max(d.version.engine.max_model_len for d in deps),
-                prefixes=affinity.PrefixMap() if manifest.prefix_affinity else None,
-                engine_load=manifest.routing.engine_load,
-                round_robin=manifest.routing.balance == "round_robin",
-                budget=balancer.RetryBudget(retry_ratio))
-            for dep in deps:
-                group = VersionGroup(dep)
-                for index, port, _ in dep.version.engine.local_replicas():
-                    group.replicas.append(Replica(dep, dep.replica_name(index),
-                                                  f"http://{_url_host(engine_host)}:{port}"))
-                for endpoint in dep.version.engine.endpoints:
-                    self._check_scheme(endpoint)
-                    if _is_address(endpoint.host):
-                        group.replicas.append(self._remote(dep, endpoint, endpoint.host))
-                    else:
-                        self._named.append((group, endpoint))
-                route.versions.append(group)
-            self.routes[manifest.name] = route
+            self.routes[manifest.name] = self._new_route(manifest)
 
     @property
     def engines(self) -> list[Replica]:
@@ -176,7 +190,10 @@ class EnginePool:
                      if v.deployment.name == name), None)
 
     def replica(self, name: str) -> Replica | None:
-        return next((r for r in self.engines if r.name == name), None)
+        """The replica of that name; the live one when a removed one (its old URL, still
+        finishing requests) has the same name."""
+        found = [r for r in self.engines if r.name == name]
+        return next((r for r in found if not r.removed), found[0] if found else None)
 
     def set_draining(self, replica: Replica, draining: bool) -> None:
         if replica.draining != draining:
@@ -189,6 +206,150 @@ class EnginePool:
             log.warning("engine marked down", extra={"engine": replica.name, "reason": reason})
         replica.healthy = False
         replica.last_error = reason
+
+    # -- live manifests ---------------------------------------------------------------------
+
+    def update(self, manifests: list[Manifest]) -> None:
+        """Reconcile the routes with a new manifest set, in place. New models, versions and
+        replicas join down (until a health check or the supervisor says otherwise); changed
+        ones take their new settings and weights; a replica gone (or moved to another URL)
+        and every replica of a version no longer serving take no new request at once and are
+        dropped once their requests have ended; a model whose manifest is gone is removed.
+        A set with an endpoint this pool refuses (plain HTTP, a public address) is refused as
+        a whole: ValueError, nothing changed."""
+        self._check_schemes(manifests)
+        wanted = {m.name for m in manifests}
+        for name in [n for n in self.routes if n not in wanted]:
+            self._forget(self.routes.pop(name))
+            log.info("model removed", extra={"model": name})
+        for manifest in manifests:
+            route = self.routes.get(manifest.name)
+            if route is None:
+                route = self.routes[manifest.name] = self._new_route(manifest)
+                log.info("model added", extra={"model": manifest.name,
+                                               "replicas": [r.name for r in route.replicas]})
+            else:
+                self._update_route(route, manifest)
+
+    def _new_route(self, manifest: Manifest) -> ModelRoute:
+        deps = manifest.deployments()
+        route = ModelRoute(
+            name=manifest.name, task=manifest.task,
+            max_model_len=max(d.version.engine.max_model_len for d in deps),
+            prefixes=affinity.PrefixMap() if manifest.prefix_affinity else None,
+            engine_load=manifest.routing.engine_load,
+            round_robin=manifest.routing.balance == "round_robin",
+            budget=balancer.RetryBudget(self._retry_ratio))
+        route.versions = [self._new_group(dep) for dep in deps]
+        return route
+
+    def _new_group(self, dep: Deployment) -> VersionGroup:
+        group = VersionGroup(dep, self._fixed(dep))
+        self._named.extend((group, e) for e in dep.version.engine.endpoints
+                           if not _is_address(e.host))
+        return group
+
+    def _fixed(self, dep: Deployment) -> list[Replica]:
+        """The replicas a deployment names outright: its local ones and its endpoints given
+        by address (those given by name are resolved: ``resolve``)."""
+        host = _url_host(self._engine_host)
+        replicas = [Replica(dep, dep.replica_name(index), f"http://{host}:{port}")
+                    for index, port, _ in dep.version.engine.local_replicas()]
+        replicas.extend(self._remote(dep, e, e.host) for e in dep.version.engine.endpoints
+                        if _is_address(e.host))
+        return replicas
+
+    def _update_route(self, route: ModelRoute, manifest: Manifest) -> None:
+        deps = manifest.deployments()
+        route.task = manifest.task
+        route.max_model_len = max(d.version.engine.max_model_len for d in deps)
+        if manifest.prefix_affinity != (route.prefixes is not None):
+            route.prefixes = affinity.PrefixMap() if manifest.prefix_affinity else None
+        route.engine_load = manifest.routing.engine_load
+        route.round_robin = manifest.routing.balance == "round_robin"
+        serving: list[VersionGroup] = []
+        for dep in deps:
+            group = next((g for g in route.versions
+                          if g.deployment.version.name == dep.version.name), None)
+            if group is None:
+                group = self._new_group(dep)
+                log.info("version added", extra={"deployment": dep.name,
+                                                 "replicas": [r.name for r in group.replicas]})
+            else:
+                if group in self._retiring:
+                    self._retiring.discard(group)
+                    log.info("version serving again", extra={"deployment": dep.name})
+                self._update_group(group, dep)
+            serving.append(group)
+        every = {d.version.name: d for d in manifest.all_deployments()}
+        for group in route.versions:
+            if group not in serving and group not in self._retiring:
+                self._retire(group, every.get(group.deployment.version.name))
+        # The manifest's order (a request's bucket falls in the versions in this order), the
+        # versions on their way out last.
+        route.versions = serving + [g for g in route.versions if g not in serving]
+
+    def _update_group(self, group: VersionGroup, dep: Deployment) -> None:
+        if dep != group.deployment:  # weights, engine settings, metadata
+            group.deployment = dep
+            for replica in group.replicas:
+                replica.deployment = dep
+        fresh = {(r.name, r.base_url): r for r in self._fixed(dep)}
+        named = [e for e in dep.version.engine.endpoints if not _is_address(e.host)]
+        changed = False
+        for replica in group.replicas:
+            if replica.server_hostname is None:  # local, or an endpoint given by address
+                if fresh.pop((replica.name, replica.base_url), None) is not None:
+                    if replica.removed:
+                        replica.removed = False
+                        changed = True
+                    continue
+            elif any(replica.server_hostname == e.host and replica.name.endswith(f":{e.port}")
+                     and replica.base_url.startswith(f"{e.scheme}://") for e in named):
+                continue  # its name's addresses are ``resolve``'s to keep
+            if not replica.removed:
+                replica.removed = True
+                changed = True
+                log.info("replica removed", extra={"engine": replica.name,
+                                                   "in_flight": replica.in_flight})
+        for replica in fresh.values():
+            group.replicas.append(replica)
+            changed = True
+            log.info("replica added", extra={"engine": replica.name, "url": replica.base_url})
+        if changed:
+            group.ring = None
+        self._named = [(g, e) for g, e in self._named if g is not group]
+        self._named.extend((group, e) for e in named)
+
+    def _retire(self, group: VersionGroup, dep: Deployment | None) -> None:
+        """A version no longer serving (retired, staged, or gone from its manifest): no new
+        request from now on; its group goes once its requests have ended."""
+        dep = dep if dep is not None else group.deployment.model_copy(update={"weight": 0})
+        group.deployment = dep
+        for replica in group.replicas:
+            replica.deployment = dep
+            replica.removed = True
+        self._named = [(g, e) for g, e in self._named if g is not group]
+        self._retiring.add(group)
+        log.info("version no longer serving", extra={
+            "deployment": dep.name, "state": dep.version.state,
+            "in_flight": sum(r.in_flight for r in group.replicas)})
+
+    def _forget(self, route: ModelRoute) -> None:
+        """A model gone from the manifests: requests in flight keep their replicas; nothing
+        watches them any more."""
+        for group in route.versions:
+            self._retiring.discard(group)
+            for replica in group.replicas:
+                replica.removed = True
+                self._unwatch(replica)
+        self._named = [(g, e) for g, e in self._named if g not in route.versions]
+
+    def _check_schemes(self, manifests: list[Manifest]) -> None:
+        for manifest in manifests:
+            for dep in manifest.deployments():
+                for endpoint in dep.version.engine.endpoints:
+                    self._check_scheme(endpoint)
 
     # -- health ---------------------------------------------------------------------------
 
@@ -355,10 +516,19 @@ class EnginePool:
                     group.replicas = [r for r in group.replicas if r not in gone]
                     group.ring = None
                     for replica in gone:
-                        for tasks in (self._checks, self._scrapes):
-                            task = tasks.pop(replica, None)
-                            if task is not None:
-                                task.cancel()
+                        self._unwatch(replica)
+            done = [g for g in route.versions if g in self._retiring and not g.replicas]
+            if done:
+                route.versions = [g for g in route.versions if g not in done]
+                self._retiring.difference_update(done)
+                for group in done:
+                    log.info("version removed", extra={"deployment": group.deployment.name})
+
+    def _unwatch(self, replica: Replica) -> None:
+        for tasks in (self._checks, self._scrapes):
+            task = tasks.pop(replica, None)
+            if task is not None:
+                task.cancel()
 
     def _remote(self, dep: Deployment, endpoint: Endpoint, address: str) -> Replica:
         named = not _is_address(endpoint.host)

@@ -1,0 +1,72 @@
+"""Every gateway's side of the rollouts under way: route by their weights, count requests.
+
+Once a second: read the rollouts under way from the state database, put each one's weights on
+its model's route (``ModelRoute.weights``; none: the manifest's split), tell the recorder
+which windows to count in, write this gateway's counts, and publish the step and weights as
+metrics. A gateway restarted mid-rollout routes by the same weights from its first second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from serving.metrics import GatewayMetrics
+from serving.rollouts.recorder import RolloutRecorder
+from serving.storage.rollouts import RolloutRecord, RolloutRepository
+from serving.upstream.pool import EnginePool
+
+log = logging.getLogger("enclave.rollouts")
+
+
+class RolloutFollower:
+    def __init__(self, repo: RolloutRepository, pool: EnginePool, recorder: RolloutRecorder,
+                 metrics: GatewayMetrics, gateway_id: str) -> None:
+        self.repo = repo
+        self.pool = pool
+        self.recorder = recorder
+        self.metrics = metrics
+        self.gateway_id = gateway_id
+        self._shown: set[tuple[str, str]] = set()
+
+    async def run(self, interval_s: float = 1.0) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # the database is away: keep the last weights, try again
+                log.warning("could not follow the rollouts", exc_info=True)
+            await asyncio.sleep(interval_s)
+
+    async def sync(self) -> None:
+        records = await self.repo.active()
+        self.apply(records)
+        now = time.time()
+        for rollout_id, rows in self.recorder.pending().items():
+            await self.repo.put_windows(rollout_id, self.gateway_id, rows, now)
+
+    def apply(self, records: list[RolloutRecord]) -> None:
+        self.recorder.follow(records)
+        by_model = {r.model: r for r in records}
+        shown: set[tuple[str, str]] = set()
+        for name, route in self.pool.routes.items():
+            record = by_model.get(name)
+            route.weights = dict(record.weights) if record is not None and record.weights else None
+            if record is None:
+                continue
+            weights = route.weights or {v.deployment.version.name: v.deployment.weight
+                                        for v in route.versions}
+            for version, weight in weights.items():
+                self.metrics.rollout_weight.labels(name, version).set(weight)
+                shown.add((name, version))
+            step = record.step_weight if record.state == "canary" else (
+                100 if record.state == "promoting" else 0)
+            self.metrics.rollout_step.labels(name, record.version).set(step or 0)
+            shown.add((name, "\0" + record.version))
+        for name, version in self._shown - shown:  # rollouts that ended: series removed
+            gauge = self.metrics.rollout_step if version.startswith("\0") else (
+                self.metrics.rollout_weight)
+            with contextlib.suppress(KeyError):
+                gauge.remove(name, version.lstrip("\0"))
+        self._shown = shown
