@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -33,6 +35,10 @@ from serving.domain.manifest import Manifest
 from serving.metrics import GatewayMetrics
 from serving.pipeline.offload import Offload
 from serving.protection.protector import Protector
+from serving.rollouts.controller import Paths, RolloutController
+from serving.rollouts.follower import RolloutFollower
+from serving.rollouts.recorder import RolloutRecorder
+from serving.rollouts.service import RolloutService
 from serving.settings import Settings
 from serving.storage import migrate
 from serving.storage.clients import ClientRepository
@@ -41,6 +47,7 @@ from serving.storage.idempotency import IdempotencyRepository
 from serving.storage.keys import KeyRepository
 from serving.storage.ledger import LedgerRepository
 from serving.storage.manifest_watch import ManifestWatcher
+from serving.storage.rollouts import RolloutRepository
 from serving.storage.signing import SigningKeyRepository
 from serving.tracing import Tracing
 from serving.upstream.client import Upstream, new_session
@@ -95,6 +102,7 @@ class Services:
     upstream: Upstream
     tracing: Tracing
     idempotency: IdempotencyService
+    rollouts: RolloutService
 
 
 def default_session(settings: Settings, tls: ssl.SSLContext | None = None
@@ -106,7 +114,7 @@ def default_session(settings: Settings, tls: ssl.SSLContext | None = None
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetrics,
                         pool: EnginePool, policies: PolicyStore, trail: AuditTrail,
-                        external: ExternalIdP | None, *,
+                        external: ExternalIdP | None, recorder: RolloutRecorder, *,
                         transport: httpx.AsyncBaseTransport | None = None,
                         session_factory: SessionFactory = default_session,
                         ) -> AsyncIterator[Services]:
@@ -139,6 +147,14 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
     idempotency = IdempotencyService(
         IdempotencyRepository(db), pepper, ttl_s=settings.idempotency_ttl_s,
         max_answer_bytes=settings.idempotency_max_answer_bytes)
+    rollout_repo = RolloutRepository(db)
+    gateway_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
+    follower = RolloutFollower(rollout_repo, pool, recorder, metrics, gateway_id)
+    controller = RolloutController(
+        rollout_repo, pool, Paths(settings.models_dir, settings.evals_dir, settings.cache_dir,
+                                  settings.engine_env_dir, settings.resolved_supervisor_socket),
+        trail, metrics, engine_client, gateway_id,
+        reload_wait_s=2 * settings.manifest_reload_interval_s + 1.0)
     offload = Offload(settings.inspect_workers, settings.inspect_inline_bytes)
     offload.share_the_interpreter()
     services = Services(
@@ -149,9 +165,12 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         offload=offload, audit=trail, tracing=tracing, idempotency=idempotency,
         upstream=Upstream(session, pool, metrics, retry_after_s=settings.retry_after_s,
                           max_attempts=settings.upstream_max_attempts,
-                          first_byte_timeout_s=settings.upstream_first_byte_timeout_s))
+                          first_byte_timeout_s=settings.upstream_first_byte_timeout_s,
+                          on_failed_attempt=recorder.attempt_failed),
+        rollouts=RolloutService(rollout_repo, settings.models_dir, settings.evals_dir))
     metrics.prime({name: [r.name for r in route.replicas] for name, route in pool.routes.items()})
     await pool.check_all(engine_client)
+    await _first(follower.sync)  # a gateway restarted mid-rollout routes by its weights at once
     background = [
         asyncio.create_task(pool.watch(engine_client, settings.engine_health_interval_s)),
         asyncio.create_task(pool.keep_resolved()),
@@ -164,7 +183,10 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         asyncio.create_task(state.keys.keep_last_used(settings.last_used_flush_s)),
         asyncio.create_task(_refresh_signing_keys(state.issuer)),
         asyncio.create_task(_manifest_watcher(settings, pool, policies, metrics).run()),
+        asyncio.create_task(follower.run(settings.rollout_follow_interval_s)),
     ]
+    if settings.rollout_controller:
+        background.append(asyncio.create_task(controller.run()))
     log.info("gateway ready", extra={
         "models": sorted(pool.routes), "version": __version__,
         "engines_up": sum(e.healthy for e in pool.engines), "engines": len(pool.engines),
@@ -205,6 +227,13 @@ def _manifest_watcher(settings: Settings, pool: EnginePool, policies: PolicyStor
                        for name, route in pool.routes.items()})
 
     return ManifestWatcher(settings.models_dir, apply, settings.manifest_reload_interval_s)
+
+
+async def _first(sync: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await sync()
+    except Exception:  # the follower's loop tries again
+        log.warning("could not read the rollouts under way", exc_info=True)
 
 
 async def _refresh_signing_keys(issuer: TokenIssuer, interval_s: float = 30.0) -> None:

@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     manifest_reload_interval_s: float = Field(
         2.0, gt=0, description="How often the gateway and the supervisor look for a new or "
         "changed manifest in models_dir (a bad one is refused; the running set stays)")
+    rollout_controller: bool = Field(
+        True, description="This gateway may run rollouts (the one holding the lease in the "
+        "state database acts; the others stand by)")
+    rollout_follow_interval_s: float = Field(
+        1.0, gt=0, le=10, description="How often the gateway reads the rollouts' weights "
+        "and writes its analysis counts")
     redis_url: str | None = Field(
         None, description="redis://host:port/db: rate limits shared by every gateway")
     reservation_ttl_s: float = Field(

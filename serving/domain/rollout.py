@@ -27,10 +27,10 @@ Command = Literal["pause", "resume", "promote", "abort"]
 class EvalGate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    set: str | None = Field(None, description="The evaluation set (evals/NAME) the canary "
+    set: str | None = Field(default=None, description="The evaluation set (evals/NAME) the canary "
                             "must pass before it takes traffic; none: no gate")
-    min_pass_rate: float = Field(0.9, ge=0, le=1)
-    max_drop: float = Field(0.05, ge=0, le=1, description="How far below the stable "
+    min_pass_rate: float = Field(default=0.9, ge=0, le=1)
+    max_drop: float = Field(default=0.05, ge=0, le=1, description="How far below the stable "
                             "version's pass rate the canary may be")
 
 
@@ -41,18 +41,19 @@ class Analysis(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    window_s: float = Field(60.0, gt=0, le=3600)
-    min_requests: int = Field(20, ge=1)
-    max_error_rate: float = Field(0.05, ge=0, le=1, description="The canary's error rate "
+    window_s: float = Field(default=60.0, gt=0, le=3600)
+    min_requests: int = Field(default=20, ge=1)
+    max_error_rate: float = Field(default=0.05, ge=0, le=1, description="The canary's error rate "
                                   "that fails a window when the stable side cannot be compared")
-    error_rate_margin: float = Field(0.02, ge=0, le=1, description="How much higher than "
+    error_rate_margin: float = Field(default=0.02, ge=0, le=1, description="How much higher than "
                                      "the stable side's the canary's error rate may be")
-    ttft_p95_ratio: float = Field(1.5, ge=1, description="The canary's time to first token "
+    ttft_p95_ratio: float = Field(default=1.5, ge=1, description="The canary's time to first token "
                                   "p95 over the stable side's")
-    tpot_p95_ratio: float = Field(1.5, ge=1, description="The same for time per output token")
-    latency_slack_s: float = Field(0.05, ge=0, description="Latency differences below this "
+    tpot_p95_ratio: float = Field(default=1.5, ge=1,
+                                  description="The same for time per output token")
+    latency_slack_s: float = Field(default=0.05, ge=0, description="Latency differences below this "
                                    "never fail a window (noise on small answers)")
-    refusal_rate_margin: float = Field(0.05, ge=0, le=1, description="How much higher the "
+    refusal_rate_margin: float = Field(default=0.05, ge=0, le=1, description="How much higher the "
                                        "canary's share of answers refused by a guard may be")
 
 
@@ -60,10 +61,10 @@ class RolloutPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100])
-    step_duration_s: float = Field(300.0, gt=0, le=7 * 86400)
+    step_duration_s: float = Field(default=300.0, gt=0, le=7 * 86400)
     eval: EvalGate = Field(default_factory=EvalGate)
     analysis: Analysis = Field(default_factory=Analysis)
-    healthy_timeout_s: float = Field(900.0, gt=0, description="How long the canary's "
+    healthy_timeout_s: float = Field(default=900.0, gt=0, description="How long the canary's "
                                      "engines may take to become healthy")
 
     @field_validator("steps")

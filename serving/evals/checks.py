@@ -30,8 +30,11 @@ class CheckResult:
 
 def excerpt(text: str) -> str:
     """``text`` quoted, cut to ``EXCERPT_CHARS`` characters."""
-    cut = text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"
-    return json.dumps(cut, ensure_ascii=False)
+    return json.dumps(_cut(text), ensure_ascii=False)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS - 1] + "…"
 
 
 def answer_text(endpoint: str, body: dict[str, Any] | None) -> str | None:
@@ -111,7 +114,7 @@ def evaluate(case: Case, status: int, text: str | None, latency_s: float,
             assert checks.pattern is not None
             ok = checks.pattern.search(text) is not None
             results.append(CheckResult(kind, ok, f"{'matches' if ok else 'no match for'} "
-                                       f"{excerpt(checks.pattern.pattern)}"
+                                       f"/{_cut(checks.pattern.pattern)}/"
                                        + ("" if ok else f" in {excerpt(text)}")))
         else:
             results.append(_json_schema(case, text))

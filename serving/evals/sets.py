@@ -20,7 +20,15 @@ from typing import Any, Literal
 from jsonschema import SchemaError
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from serving import contract
 from serving.domain.manifest import NAME_RE
@@ -61,24 +69,35 @@ class Checks(BaseModel):
     _pattern: re.Pattern[str] | None = PrivateAttr(None)
     _validator: Validator | None = PrivateAttr(None)
 
+    @field_validator("regex")
+    @classmethod
+    def _a_regex(cls, regex: str | None) -> str | None:
+        if regex is not None:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return regex
+
+    @field_validator("json_schema")
+    @classmethod
+    def _a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            try:
+                validator_for(schema).check_schema(schema)
+            except SchemaError as exc:
+                raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+        return schema
+
     @model_validator(mode="after")
     def _compile(self) -> Checks:
         if not self.kinds():
             raise ValueError("give at least one of exact, regex, json_schema, similar, "
                              "max_latency_ms")
         if self.regex is not None:
-            try:
-                self._pattern = re.compile(self.regex)
-            except re.error as exc:
-                raise ValueError(f"regex is not a valid regular expression: {exc}") from None
+            self._pattern = re.compile(self.regex)
         if self.json_schema is not None:
-            cls = validator_for(self.json_schema)
-            try:
-                cls.check_schema(self.json_schema)
-            except SchemaError as exc:
-                raise ValueError(f"json_schema is not a valid JSON schema: {exc.message}"
-                                 ) from None
-            self._validator = cls(self.json_schema)
+            self._validator = validator_for(self.json_schema)(self.json_schema)
         return self
 
     @property

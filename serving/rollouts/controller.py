@@ -250,11 +250,12 @@ class RolloutController:
                          detail={**(detail or r.detail), "judged": -1, "passed": 0})
 
     async def _canary(self, r: RolloutRecord) -> None:
-        if r.paused or r.step_started is None:
+        started = r.step_started
+        if r.paused or started is None:
             return
         rules = Analysis.model_validate(r.plan["analysis"])
         now = time.time()
-        current = int((now - r.step_started) // rules.window_s)
+        current = int((now - started) // rules.window_s)
         judged = int(r.detail.get("judged", -1))
         passed = int(r.detail.get("passed", 0))
         if current - 1 > judged:
@@ -278,7 +279,7 @@ class RolloutController:
                 passed += verdict.result == "pass"
                 r = await self.repo.transition(r, CONTROLLER, now=now,
                                                detail={**detail, "passed": passed})
-        if now - r.step_started < float(r.plan["step_duration_s"]) or passed == 0:
+        if now - started < float(r.plan["step_duration_s"]) or passed == 0:
             return  # the step goes on (or waits for a window with enough traffic)
         if r.step + 1 >= len(r.steps):
             await self._move(r, "promoting", f"step {r.step + 1} ({r.step_weight}%) passed: "

@@ -33,9 +33,11 @@ COMMANDS = ("pause", "resume", "promote", "abort")
 class RolloutRefused(ValueError):
     """A rollout that cannot start, or a command with no rollout to apply to."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None,
+                 kind: str = "invalid") -> None:
         super().__init__(message)
         self.param = param
+        self.kind = kind  # invalid | conflict (one under way) | missing (none under way)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,7 @@ class RolloutService:
             active = next((r for r in await self.repo.active() if r.model == model), None)
             where = f" ({active.version}, {active.state})" if active is not None else ""
             raise RolloutRefused(f"model '{model}' has a rollout under way{where}; abort it or "
-                                 "wait for it to end", "model") from None
+                                 "wait for it to end", "model", "conflict") from None
         return record
 
     def _plan(self, model: str, version: str, o: Overrides) -> tuple[dict[str, Any],
@@ -121,7 +123,8 @@ class RolloutService:
             raise RolloutRefused(f"unknown command '{command}'", "command")
         record = await self.repo.command(model, command, actor)
         if record is None:
-            raise RolloutRefused(f"model '{model}' has no rollout under way", "model")
+            raise RolloutRefused(f"model '{model}' has no rollout under way", "model",
+                                 "missing")
         return record
 
     async def status(self, model: str) -> tuple[RolloutRecord, list[RolloutEvent]] | None:

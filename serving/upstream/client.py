@@ -117,8 +117,12 @@ class Attempt:
 
 class Upstream:
     def __init__(self, session: aiohttp.ClientSession, pool: EnginePool, metrics: GatewayMetrics,
-                 *, retry_after_s: int, max_attempts: int, first_byte_timeout_s: float) -> None:
+                 *, retry_after_s: int, max_attempts: int, first_byte_timeout_s: float,
+                 on_failed_attempt: Callable[[str, str], None] | None = None) -> None:
         self._session = session
+        # (model, version) of each attempt that failed: a rollout counts the canary's failures
+        # even when a retry elsewhere hid them from the client.
+        self._on_failed = on_failed_attempt
         self._pool = pool
         self._metrics = metrics
         self._retry_after = retry_after_s
@@ -179,6 +183,8 @@ class Upstream:
                 response, first = await self._attempt(replica, path, body, headers, stream)
             except _Failed as failed:
                 self.release(replica, route, failed.outcome, probe, child)
+                if self._on_failed is not None:
+                    self._on_failed(route.name, replica.deployment.version.name)
                 failure = failed.error(route.name)
                 if not self._may_retry(route, failed.outcome, len(tried)):
                     raise failure from None

@@ -126,8 +126,9 @@ def test_cases_come_from_every_file_in_name_order_and_blank_lines_are_skipped(
     (line("x", colour="red"), "colour", "Extra inputs"),
     (line("x", checks={"regex": r"\S", "fuzzy": 1}), "checks.fuzzy", "Extra inputs"),
     (line("x", checks={}), "checks", "at least one"),
-    (line("x", checks={"regex": "(unclosed"}), "checks", "not a valid regular expression"),
-    (line("x", checks={"json_schema": {"type": "nope"}}), "checks",
+    (line("x", checks={"regex": "(unclosed"}), "checks.regex",
+     "not a valid regular expression"),
+    (line("x", checks={"json_schema": {"type": "nope"}}), "checks.json_schema",
      "not a valid JSON schema"),
     (line("x", checks={"similar": {"text": "t", "min": 1.5}}), "checks.similar.min", "less"),
     (line("x", endpoint="images"), "endpoint", "Input should be"),
@@ -282,8 +283,14 @@ async def test_a_failed_request_fails_every_check_of_its_case() -> None:
 
 
 def vectors(table: dict[str, list[float]]) -> FakeTarget:
-    return FakeTarget(lambda _e, b: (200, embedding_answer(*(table[t] for t in b["input"])),
-                                     0.01))
+    """An embedding model that knows the vectors of a few texts."""
+
+    def answer(_endpoint: str, body: dict[str, Any]) -> Answer:
+        given = body["input"]
+        inputs = given if isinstance(given, list) else [given]
+        return 200, embedding_answer(*(table[t] for t in inputs)), 0.01
+
+    return FakeTarget(answer)
 
 
 async def test_similar_checks_embed_the_answer_and_the_reference_together() -> None:
