@@ -67,6 +67,7 @@ class StateServices:
     policies: PolicyStore
     ledger: LedgerRepository
     issuer: TokenIssuer
+    rollouts: RolloutService
 
 
 def state_services(settings: Settings, db: AsyncEngine, pepper: bytes, policies: PolicyStore,
@@ -79,7 +80,8 @@ def state_services(settings: Settings, db: AsyncEngine, pepper: bytes, policies:
         clients=ClientService(ClientRepository(db), policies, cache_ttl_s),
         policies=policies, ledger=LedgerRepository(db),
         issuer=TokenIssuer(SigningKeyRepository(db), pepper, settings.oauth_issuer,
-                           settings.oauth_audience, settings.oauth_token_ttl_s))
+                           settings.oauth_audience, settings.oauth_token_ttl_s),
+        rollouts=RolloutService(RolloutRepository(db), settings.models_dir, settings.evals_dir))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,7 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
     idempotency = IdempotencyService(
         IdempotencyRepository(db), pepper, ttl_s=settings.idempotency_ttl_s,
         max_answer_bytes=settings.idempotency_max_answer_bytes)
-    rollout_repo = RolloutRepository(db)
+    rollout_repo = state.rollouts.repo
     gateway_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
     follower = RolloutFollower(rollout_repo, pool, recorder, metrics, gateway_id)
     controller = RolloutController(
@@ -167,7 +169,7 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
                           max_attempts=settings.upstream_max_attempts,
                           first_byte_timeout_s=settings.upstream_first_byte_timeout_s,
                           on_failed_attempt=recorder.attempt_failed),
-        rollouts=RolloutService(rollout_repo, settings.models_dir, settings.evals_dir))
+        rollouts=state.rollouts)
     metrics.prime({name: [r.name for r in route.replicas] for name, route in pool.routes.items()})
     await pool.check_all(engine_client)
     await _first(follower.sync)  # a gateway restarted mid-rollout routes by its weights at once

@@ -100,6 +100,9 @@ def test_the_repository_demo_set_loads() -> None:
     assert len(loaded.cases) >= 6 and all(c.endpoint == "chat" for c in loaded.cases)
     assert len(loaded.digest) == 64 and loaded.files[0].name == "basic.jsonl"
     assert all(c.request.get("stream") is not True for c in loaded.cases)
+    embed = load_set(REPO / "evals", "minilm-embed")
+    assert {c.endpoint for c in embed.cases} == {"embeddings"}
+    assert all(c.checks.similar is not None for c in embed.cases)
 
 
 def test_the_digest_changes_when_a_file_is_edited_or_renamed(tmp_path: Path) -> None:
@@ -434,7 +437,13 @@ def test_eval_run_refuses_an_unknown_version(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "has no version 'v9'" in result.stderr
 
 
+def test_eval_run_refuses_a_set_made_for_another_task(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, free_port(), "eval", "run", "demo-chat@v1", "minilm-embed")
+    assert result.exit_code == 1
+    assert "has embeddings cases; demo-chat is a chat model" in result.stderr
+
+
 def test_eval_list_shows_the_sets(tmp_path: Path) -> None:
     result = run_cli(tmp_path, free_port(), "eval", "list")
     assert result.exit_code == 0, result.output
-    assert "demo-chat" in result.output
+    assert "demo-chat" in result.output and "minilm-embed" in result.output
