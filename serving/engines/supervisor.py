@@ -320,8 +320,7 @@ class Supervisor:
                       for index, port, devices in dep.version.engine.local_replicas()}
             for engine in list(self.engines):
                 if engine.name not in wanted and engine not in self._retiring:
-                    self._retiring[engine] = asyncio.create_task(
-                        self._retire(engine), name=f"retire-{engine.name}")
+                    self._retire(engine)
             new: dict[str, list[tuple[Deployment, int, int, str | None]]] = {}
             for name, (dep, index, port, devices) in wanted.items():
                 running = self.replica(name)
@@ -379,20 +378,27 @@ class Supervisor:
                                              "devices": devices})
         self._write_state()
 
-    async def _retire(self, engine: EngineProcess) -> None:
-        """A replica no longer wanted, drained like ``drain`` (gateways hear ``draining``
-        first; the engine finishes its requests, up to its version's shutdown timeout), then
-        gone: a last ``stopped`` event, and it leaves ``engines`` and engines.json."""
+    def _retire(self, engine: EngineProcess) -> None:
+        """A replica no longer wanted, drained like ``drain``: gateways hear ``draining`` now;
+        the engine finishes its requests (up to its version's shutdown timeout) in a task of
+        its own, then is gone."""
+        deadline_s = float(engine.deployment.version.engine.shutdown_timeout_s)
+        serving = engine.state == "healthy"  # else it has no request to finish
+        engine.held = True  # its keep-alive starts nothing new
+        engine.resume.clear()
+        self._set(engine, "draining")
+        log.info("replica no longer wanted; draining", extra={
+            "engine": engine.name, "deadline_s": deadline_s})
+        self._retiring[engine] = asyncio.create_task(
+            self._retired(engine, serving, time.monotonic() + deadline_s),
+            name=f"retire-{engine.name}")
+
+    async def _retired(self, engine: EngineProcess, serving: bool, deadline: float) -> None:
+        """Once idle (or at ``deadline``): stopped, a last ``stopped`` event, and out of
+        ``engines`` and engines.json."""
+        started = time.monotonic()
         try:
-            deadline_s = float(engine.deployment.version.engine.shutdown_timeout_s)
-            started = time.monotonic()
-            serving = engine.state == "healthy"
-            engine.held = True  # its keep-alive starts nothing new
-            engine.resume.clear()
-            self._set(engine, "draining")
-            log.info("replica no longer wanted; draining", extra={
-                "engine": engine.name, "deadline_s": deadline_s})
-            idle = await self._until_idle(engine, started + deadline_s) if serving else True
+            idle = await self._until_idle(engine, deadline) if serving else True
             await self._terminate(engine)
             task = self._tasks.pop(engine, None)
             if task is not None:

@@ -31,7 +31,7 @@ from serving.domain.manifest import Deployment
 from serving.engines.environment import EngineEnvironment
 from serving.engines.supervisor import Supervisor
 from serving.storage.manifests import load_manifests
-from tests.support import REPO, free_port, gateway_settings
+from tests.support import REPO, copy_manifests, free_port, gateway_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -117,6 +117,11 @@ def serving_v2(data: dict[str, Any]) -> None:
     data["traffic"] = {"v1": 90, "v2": 10}
 
 
+def retired_v2(data: dict[str, Any]) -> None:
+    data["versions"][1]["state"] = "retired"
+    data["traffic"] = {"v1": 100}
+
+
 async def test_a_new_version_starts_without_restarting_the_running_one(
         rig: tuple[Supervisor, Path, list[dict[str, object]]]) -> None:
     sup, models, _ = rig
@@ -142,11 +147,6 @@ async def test_a_retired_version_is_drained_and_leaves(
     [v1, _] = sup.engines
     pid = v1.pid
     events.clear()
-
-    def retired_v2(data: dict[str, Any]) -> None:
-        data["versions"][1]["state"] = "retired"
-        data["traffic"] = {"v1": 100}
-
     await sup.update(edit(models, retired_v2))  # returns at once: the drain is a task
     assert v2 in sup.engines and v2.state == "draining"
     await until("v2 gone", lambda: v2 not in sup.engines)
@@ -183,7 +183,7 @@ async def test_bad_weights_keep_a_version_out_and_a_command_change_waits_for_a_r
 
 
 async def test_a_running_gateway_follows_the_manifests(tmp_path: Path) -> None:
-    models = models_dir(tmp_path)
+    models = copy_manifests(tmp_path / "models")
     settings = gateway_settings(tmp_path, models, manifest_reload_interval_s=0.05)
     app = create_app(settings, transport=httpx.MockTransport(lambda _: httpx.Response(503)))
     async with LifespanManager(app):
@@ -202,4 +202,17 @@ async def test_a_running_gateway_follows_the_manifests(tmp_path: Path) -> None:
         assert [r.name for r in pool.routes["demo-two"].replicas] == ["demo-two-v1/r0"]
         (models / "demo-two.yaml").unlink()
         await until("demo-two gone", lambda: "demo-two" not in pool.routes)
-        assert set(pool.routes) == {"demo-chat"}
+        assert set(pool.routes) == {"demo-chat", "minilm-embed"}
+
+
+async def test_stopping_while_a_retired_replica_drains_stops_everything(
+        rig: tuple[Supervisor, Path, list[dict[str, object]]]) -> None:
+    sup, models, _ = rig
+    await sup.update(edit(models, serving_v2))
+    await until("both healthy", lambda: all(e.state == "healthy" for e in sup.engines)
+                and len(sup.engines) == 2)
+    await sup.update(edit(models, retired_v2))
+    await sup.stop()  # the drain is cancelled; its engine stops with the others
+    assert all(e.proc is not None and e.proc.returncode is not None for e in sup.engines)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith(("retire-", "engine-"))
+                and not t.done()]
