@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     evals_dir: Path = Field(
         default_factory=_default_evals_dir, description="Evaluation sets (`enclave eval`): "
         "one folder of *.jsonl files per set")
+    model_store: Path | None = Field(
+        None, description="Imported weights (`enclave models import`), kept by content: "
+        "<model_store>/sha256/ and one folder of links per version in <model_store>/versions/; "
+        "default <data_dir>/model-store. Not a cache: imported versions are served from it")
     engine_env: Path | None = Field(
         None, description="The engines' virtualenv (vLLM); default <cache_dir>/engine-venv. "
         "An image sets it to a read-only path built in")
@@ -276,6 +280,10 @@ class Settings(BaseSettings):
     @property
     def resolved_audit_signing_key_file(self) -> Path:
         return self.audit_signing_key_file or self.data_dir / "audit-signing.key"
+
+    @property
+    def model_store_dir(self) -> Path:
+        return self.model_store or self.data_dir / "model-store"
 
     @property
     def engine_env_dir(self) -> Path:

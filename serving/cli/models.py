@@ -130,9 +130,9 @@ def import_cmd(name: str, src: Path, version: str, revision: str | None) -> None
             stdout.print(f"{name}@{version} is already imported with these bytes", markup=False)
             return
         fail(f"{name}@{version} exists with other bytes: choose another version name")
-    dest = model_cache(settings.cache_dir) / "imported" / name / version
+    dest = settings.model_store_dir / "versions" / name / version
     try:
-        import_tree(src, sums, settings.cache_dir / "store", dest)
+        import_tree(src, sums, settings.model_store_dir, dest)
         whole = hashlib.sha256("".join(sorted(sums.values())).encode()).hexdigest()
         entry = add_version(settings.models_dir, name, version, dest, revision or whole[:12],
                             sums)

@@ -36,7 +36,7 @@ from serving.engines import control
 from serving.engines.environment import EngineEnvironment
 from serving.engines.sources import resolve_model_dir
 from serving.engines.store import StoreError, verify_tree
-from serving.evals.runner import ReplicaTarget, Report, gate, run_set
+from serving.evals.runner import ByModel, ReplicaTarget, Report, Target, gate, run_set
 from serving.evals.sets import load_set
 from serving.logs import iso_timestamp
 from serving.metrics import GatewayMetrics
@@ -239,7 +239,21 @@ class RolloutController:
         urls = [x.base_url for x in group.replicas if x.healthy]
         if not urls:
             raise RuntimeError(f"no healthy replica of {group.deployment.name}")
-        return await run_set(eval_set, ReplicaTarget(self.client, urls, model))
+        return await run_set(eval_set, ReplicaTarget(self.client, urls, model),
+                             embedder=self._embedder(), label=group.deployment.name)
+
+    def _embedder(self) -> ByModel | None:
+        """The embedding models served now, for ``similar`` checks (the first is the
+        default)."""
+        targets: dict[str, Target] = {}
+        for name, route in self.pool.routes.items():
+            if route.task != "embed":
+                continue
+            urls = [x.base_url for v in route.versions if route.weight_of(v) > 0
+                    for x in v.replicas if x.healthy]
+            if urls:
+                targets[name] = ReplicaTarget(self.client, urls, name)
+        return ByModel(targets, next(iter(targets))) if targets else None
 
     async def _first_step(self, r: RolloutRecord, reason: str,
                           detail: dict[str, Any] | None = None) -> None:

@@ -19,10 +19,14 @@ BUCKETS = 10_000
 
 
 def bucket(client_id: str | None, request: Request) -> int:
+    return bucket_of(client_id, _conversation(request))
+
+
+def bucket_of(client_id: str | None, conversation: bytes) -> int:
     digest = hashlib.blake2b(digest_size=8)
     digest.update((client_id or "").encode())
     digest.update(b"\0")
-    digest.update(_conversation(request))
+    digest.update(conversation)
     return int.from_bytes(digest.digest(), "big") % BUCKETS
 
 

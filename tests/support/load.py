@@ -29,11 +29,13 @@ class Sent:
 def run_load(url: str, key: str, seconds: float, concurrency: int = 8,
              events: list[tuple[float, Callable[[], object]]] | None = None,
              max_tokens: int = 12, body: dict[str, object] | None = None,
-             conversations: int | None = None,
+             conversations: int | list[str] | None = None,
              stop: threading.Event | None = None) -> list[Sent]:
-    """``conversations``: the clients go round that many conversations (each request is a
-    later turn of one: the same first message, a growing history); ``stop``: end early when
-    set."""
+    """``conversations``: the clients go round that many conversations, or these first
+    messages (each request is a later turn of one: the same first message, then more);
+    ``stop``: end early when set."""
+    openers = ([f"conversation {k}" for k in range(conversations)]
+               if isinstance(conversations, int) else conversations)
     results: list[Sent] = []
     turn = iter(range(1 << 62))
 
@@ -44,12 +46,12 @@ def run_load(url: str, key: str, seconds: float, concurrency: int = 8,
             stream = n % 2 == 0
             conversation = None
             messages = [{"role": "user", "content": f"load {i} {n}"}]
-            if conversations:
+            if openers:
                 k = next(turn)
-                conversation = k % conversations
-                messages = [{"role": "user", "content": f"conversation {conversation}"},
+                conversation = k % len(openers)
+                messages = [{"role": "user", "content": openers[conversation]},
                             {"role": "assistant", "content": "ok"},
-                            {"role": "user", "content": f"turn {k // conversations}"}]
+                            {"role": "user", "content": f"turn {k // len(openers)}"}]
             payload = {"model": "demo-chat", "max_tokens": max_tokens, "ignore_eos": True,
                        "stream": stream, "messages": messages, **(body or {})}
             stream = bool(payload["stream"])
