@@ -110,12 +110,13 @@ class GatewayMetrics:
             "enclave_replica_in_flight", "Requests this gateway has outstanding on the "
             "replica.", replica, registry=r, multiprocess_mode="livesum")
         self.rollout_step = Gauge(
-            "enclave_rollout_step_percent", "The canary's share in the rollout's current step "
-            "(0 before the first step; absent with no rollout under way).", ["model", "version"],
+            "enclave_rollout_step_percent", "The canary's share in the current step of the "
+            "model's rollout (0: no rollout in its canary steps).", ["model"],
             registry=r, multiprocess_mode="livemax")
-        self.rollout_weight = Gauge(
-            "enclave_rollout_weight", "Each version's traffic weight (percent) as the gateway "
-            "routes now.", ["model", "version"], registry=r, multiprocess_mode="livemax")
+        self.version_weight = Gauge(
+            "enclave_model_version_weight", "Each serving version's traffic weight (percent) "
+            "as the gateway routes now: the manifest's split, or a rollout's.",
+            ["model", "version"], registry=r, multiprocess_mode="livemax")
         self.rollout_transitions = Counter(
             "enclave_rollout_transitions", "Rollout state changes made by this gateway's "
             "controller, by the state entered.", ["model", "state"], registry=r)
@@ -187,6 +188,10 @@ class GatewayMetrics:
             self._child(self.budget_exhausted, model)
             self._child(self.affinity, model, "hit")
             self._child(self.idempotent_replays, model)
+            for outcome in ("promoted", "rolled_back", "failed"):
+                for trigger in ("automatic", "manual"):
+                    self._child(self.rollouts_finished, model, outcome, trigger)
+            self._child(self.rollout_transitions, model, "canary")
             for replica in replicas:
                 self._child(self.attempts, model, replica, "ok")
                 self._child(self.ejections, model, replica, "engine_5xx")

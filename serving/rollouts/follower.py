@@ -53,20 +53,13 @@ class RolloutFollower:
         for name, route in self.pool.routes.items():
             record = by_model.get(name)
             route.weights = dict(record.weights) if record is not None and record.weights else None
-            if record is None:
-                continue
-            weights = route.weights or {v.deployment.version.name: v.deployment.weight
-                                        for v in route.versions}
-            for version, weight in weights.items():
-                self.metrics.rollout_weight.labels(name, version).set(weight)
+            for group in route.versions:
+                version = group.deployment.version.name
+                self.metrics.version_weight.labels(name, version).set(route.weight_of(group))
                 shown.add((name, version))
-            step = record.step_weight if record.state == "canary" else (
-                100 if record.state == "promoting" else 0)
-            self.metrics.rollout_step.labels(name, record.version).set(step or 0)
-            shown.add((name, "\0" + record.version))
-        for name, version in self._shown - shown:  # rollouts that ended: series removed
-            gauge = self.metrics.rollout_step if version.startswith("\0") else (
-                self.metrics.rollout_weight)
+            step = record.step_weight if record is not None and record.state == "canary" else 0
+            self.metrics.rollout_step.labels(name).set(step or 0)
+        for name, version in self._shown - shown:  # versions gone from the routes
             with contextlib.suppress(KeyError):
-                gauge.remove(name, version.lstrip("\0"))
+                self.metrics.version_weight.remove(name, version)
         self._shown = shown

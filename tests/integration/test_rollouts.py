@@ -41,6 +41,7 @@ from tests.support import (
     new_key,
     settings_env,
     wait_until,
+    write_policies,
 )
 from tests.support.faults import FaultyEngine, always, mixed
 from tests.support.load import Sent, run_load
@@ -143,8 +144,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     data["rollout"] = POLICY
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     engines.start()
-    settings = gateway_settings(root, engines.models_dir,
-                                model_store=root / "model-store")
+    policies = write_policies(root / "policy", "version: 1\npolicies:\n  default:\n"
+                              "    models: [demo-chat]\n    scopes: [chat, models]\n"
+                              "  admin:\n    scopes: [admin]\n")
+    settings = gateway_settings(root, engines.models_dir, model_store=root / "model-store",
+                                policies_file=policies)
     env = {**settings_env(settings), **FAST, "ENCLAVE_MODEL_STORE": str(root / "model-store"),
            "ENCLAVE_SUPERVISOR_SOCKET": str(engines.socket)}
     gateway = GatewayProcess(settings, env, root / "gateway.log").start()
@@ -316,7 +320,7 @@ def test_a_gateway_restarted_mid_rollout_resumes_at_the_same_step(lab: Lab) -> N
         after = lab.status()
         assert (after["state"], after["step"], after["weights"], after["step_started"]) == (
             "canary", before["step"], before["weights"], before["step_started"])
-        assert lab.metric("enclave_rollout_weight", version="v2-proxy") == 20
+        assert lab.metric("enclave_model_version_weight", version="v2-proxy") == 20
         sent = run_load(lab.gateway.url, lab.key, 6, concurrency=4, max_tokens=2,
                         conversations=300)
         share = sum(s.version == "v2-proxy" for s in sent) / len(sent)
