@@ -58,14 +58,14 @@ class Side:
     refusals: int
     ttft_p95: float | None
     tpot_p95: float | None
-    latency_samples: int
+    ttft_samples: int
+    tpot_samples: int
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> Side:
         return cls(stats["requests"], stats["errors"], stats["refusals"],
                    quantile(stats["ttft"], 0.95), quantile(stats["tpot"], 0.95),
-                   min(sum(stats["ttft"].values()) or sum(stats["tpot"].values()),
-                       sum(stats["tpot"].values())))
+                   sum(stats["ttft"].values()), sum(stats["tpot"].values()))
 
     @property
     def error_rate(self) -> float:
@@ -120,13 +120,14 @@ def judge(canary_stats: dict[str, Any], stable_stats: dict[str, Any], rules: Ana
             f"guard refusals {canary.refusal_rate:.1%} against the stable version's "
             f"{stable.refusal_rate:.1%} (margin {rules.refusal_rate_margin:.1%})")
     if comparable:
-        for label, mine, theirs, ratio in (
+        # Each latency on its own samples: streams of one token have a time to first token
+        # only, whole (unstreamed) answers a time per output token only.
+        for label, mine, theirs, ratio, samples in (
                 ("time to first token p95", canary.ttft_p95, stable.ttft_p95,
-                 rules.ttft_p95_ratio),
+                 rules.ttft_p95_ratio, min(canary.ttft_samples, stable.ttft_samples)),
                 ("time per output token p95", canary.tpot_p95, stable.tpot_p95,
-                 rules.tpot_p95_ratio)):
-            if (mine is None or theirs is None or canary.latency_samples < MIN_LATENCY_SAMPLES
-                    or stable.latency_samples < MIN_LATENCY_SAMPLES):
+                 rules.tpot_p95_ratio, min(canary.tpot_samples, stable.tpot_samples))):
+            if mine is None or theirs is None or samples < MIN_LATENCY_SAMPLES:
                 continue
             if mine > theirs * ratio and mine - theirs > rules.latency_slack_s:
                 verdict.reasons.append(f"{label} {mine * 1000:.0f} ms against the stable "

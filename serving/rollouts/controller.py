@@ -77,6 +77,7 @@ class RolloutController:
         self.reload_wait_s = reload_wait_s  # every gateway has re-read the manifests by then
         self.tick_s = tick_s
         self._jobs: dict[str, asyncio.Task[Any]] = {}
+        self._stuck: dict[str, str] = {}  # rollout id -> the problem last logged
         self.leading = False
 
     async def run(self) -> None:
@@ -107,9 +108,15 @@ class RolloutController:
             try:
                 await self.advance(record)
             except (ManifestError, OSError) as exc:
-                await self._move(record, "rolling_back" if record.state not in (
-                    "pending", "verifying") else "failed",
-                    f"cannot change the manifest: {exc}", weights=record.stable or None)
+                problem = f"cannot change the manifest: {exc}"
+                if record.state in ("promoting", "rolling_back"):  # tried again next tick
+                    if self._stuck.get(record.id) != problem:
+                        log.error("rollout stuck", extra={"rollout": record.id,
+                                                          "problem": problem})
+                        self._stuck[record.id] = problem
+                    continue
+                await self._move(record, "failed" if record.state in ("pending", "verifying")
+                                 else "rolling_back", problem, weights=record.stable or None)
 
     # -- the state machine ------------------------------------------------------------------
 

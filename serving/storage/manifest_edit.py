@@ -13,6 +13,7 @@ from ruamel.yaml import YAML
 
 from serving.domain.manifest import Manifest, ManifestError
 from serving.storage.manifests import load_manifests
+from serving.storage.yamlfile import parse_model
 
 
 def _yaml() -> YAML:
@@ -26,10 +27,9 @@ def _write(path: Path, yaml: YAML, data: Any) -> None:
     out = io.StringIO()
     yaml.dump(data, out)
     text = out.getvalue()
-    try:  # the whole file must still be a valid manifest
-        Manifest.model_validate(YAML(typ="safe").load(text))
-    except Exception as exc:
-        raise ManifestError(f"{path}: the change would not be valid: {exc}") from None
+    # The whole file must still be a valid manifest, read as the loader reads it (PyYAML's
+    # YAML 1.1: ruamel's 1.2 would take a digest like 12e45 for a number).
+    parse_model(text, f"{path} (after the change)", Manifest, ManifestError)
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

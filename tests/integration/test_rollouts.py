@@ -246,7 +246,7 @@ def test_a_version_failing_its_evaluation_set_is_refused_before_any_traffic(
     assert resp.json()["plan"]["eval"]["set"] == "demo-chat"
     # A second rollout of the model while this one runs: refused.
     again = httpx.post(f"{lab.gateway.url}/admin/v1/rollouts", headers=bearer(lab.admin),
-                       json={"model": MODEL, "version": "v2"}, timeout=10)
+                       json={"model": MODEL, "version": "v2-tampered"}, timeout=10)
     assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
 
     seen: list[str | None] = []
