@@ -138,11 +138,18 @@ class RolloutController:
             return await self.repo.transition(r, actor, now=now, paused=True,
                                               reason=f"paused by {actor}", done_command=cmd)
         if cmd == "resume" and r.paused:
-            # The step starts again: its windows are counted afresh.
-            return await self.repo.transition(r, actor, now=now, paused=False,
-                                              step_started=now if r.state == "canary" else
-                                              r.step_started, reason=f"resumed by {actor}",
-                                              done_command=cmd)
+            if r.state != "canary" or r.step_started is None:
+                return await self.repo.transition(r, actor, now=now, paused=False,
+                                                  reason=f"resumed by {actor}", done_command=cmd)
+            # The step goes on where it was: the windows judged before the pause still count;
+            # the one the pause cut short is skipped, and the next starts now (nothing was
+            # counted while paused).
+            window_s = float(r.plan["analysis"]["window_s"])
+            judged = int(r.detail.get("judged", -1)) + 1
+            return await self.repo.transition(
+                r, actor, now=now, paused=False, step_started=now - (judged + 1) * window_s,
+                detail={**r.detail, "judged": judged}, reason=f"resumed by {actor}",
+                done_command=cmd)
         if cmd == "promote" and r.state in ("evaluating", "canary", "starting"):
             self._cancel_job(r)
             return await self._move(r, "promoting", f"promoted by {actor}", actor=actor,

@@ -53,6 +53,8 @@ class RolloutFollower:
         for name, route in self.pool.routes.items():
             record = by_model.get(name)
             route.weights = dict(record.weights) if record is not None and record.weights else None
+            route.canary = record.version if route.weights is not None and record else None
+            route.stable = dict(record.stable) if route.weights is not None and record else None
             for group in route.versions:
                 version = group.deployment.version.name
                 self.metrics.version_weight.labels(name, version).set(route.weight_of(group))

@@ -40,7 +40,9 @@ class RolloutRecorder:
         """The rollouts under way now: count for those in a canary step."""
         active = {}
         for r in records:
-            if r.state == "canary" and r.step >= 0 and r.step_started is not None:
+            # Paused: nothing counted (the windows resume after the pause, see the controller).
+            if (r.state == "canary" and not r.paused and r.step >= 0
+                    and r.step_started is not None):
                 active[r.model] = _Window(r.id, r.step, r.step_started,
                                           float(r.plan["analysis"]["window_s"]))
         self._active = active

@@ -11,7 +11,8 @@ def canary_weights(stable: dict[str, int], canary: str, share: int) -> dict[str,
     if not others or total == 0:
         return {canary: 100}
     out = {v: rest * w // total for v, w in others.items()}
-    # The percents lost to rounding go to the largest stable versions first.
-    for v in sorted(others, key=lambda x: -others[x])[:rest - sum(out.values())]:
+    # The percents lost to rounding go to the largest remainders first (Hamilton's method).
+    by_remainder = sorted(others, key=lambda x: (-(rest * others[x] % total), -others[x]))
+    for v in by_remainder[:rest - sum(out.values())]:
         out[v] += 1
     return {canary: share, **out}

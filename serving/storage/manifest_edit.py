@@ -6,18 +6,40 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.constructor import RoundTripConstructor
 
 from serving.domain.manifest import Manifest, ManifestError
 from serving.storage.manifests import load_manifests
 from serving.storage.yamlfile import parse_model
 
+# PyYAML's (YAML 1.1) float: what the manifest loader takes for a number. ruamel reads YAML 1.2,
+# where a plain ``3311740e6583`` (a revision, a digest) is a float too, and would write it back
+# as ``.inf``; read as the loader reads it, it stays the string it is.
+_YAML11_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.VERBOSE)
+
+
+class _Constructor(RoundTripConstructor):
+    def construct_yaml_float(self, node: Any) -> Any:
+        if _YAML11_FLOAT.match(str(node.value)):
+            return super().construct_yaml_float(node)
+        return self.construct_scalar(node)  # a string (written back quoted: it is one)
+
+
+_Constructor.add_constructor("tag:yaml.org,2002:float", _Constructor.construct_yaml_float)
+
 
 def _yaml() -> YAML:
     yaml = YAML()
+    yaml.Constructor = _Constructor
     yaml.preserve_quotes = True
     yaml.width = 100
     return yaml

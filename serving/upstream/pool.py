@@ -44,7 +44,7 @@ import httpx
 
 from serving.domain.manifest import Deployment, Endpoint, Manifest
 from serving.engines import control, vllm_metrics
-from serving.upstream import affinity, balancer
+from serving.upstream import affinity, balancer, split
 from serving.upstream.replicas import EjectionPolicy, Replica
 
 log = logging.getLogger("enclave.engines")
@@ -81,12 +81,42 @@ class ModelRoute:
     # A rollout's weights (version name -> percent), in place of the manifest's traffic split
     # while one runs; every gateway reads the same ones from the state database.
     weights: dict[str, int] | None = None
+    canary: str | None = None  # the rollout's new version
+    stable: dict[str, int] | None = None  # the other versions' weights at the rollout's start
     _turn: int = 0
 
     def weight_of(self, group: VersionGroup) -> int:
         if self.weights is not None:
             return self.weights.get(group.deployment.version.name, 0)
         return group.deployment.weight
+
+    def sticky(self, bucket: int) -> VersionGroup | None:
+        """The version a conversation's bucket (``split.bucket``) belongs to. With no rollout:
+        by the traffic split, in the manifest's order. During a rollout: the canary takes the
+        lowest buckets, as many as its weight; a conversation above them goes to a stable
+        version chosen by a second, independent part of its hash in the stable versions'
+        proportions at the rollout's start, so raising the canary's weight moves conversations
+        from the stable versions to it, never from one stable version to another."""
+        low, high = bucket % split.BUCKETS, (bucket // split.BUCKETS) % split.BUCKETS
+        weighted = [(v, self.weight_of(v)) for v in self.versions if self.weight_of(v) > 0]
+        canary = next((v for v, _ in weighted if v.deployment.version.name == self.canary),
+                      None) if self.canary is not None else None
+        if canary is not None:
+            if low < self.weight_of(canary) * split.BUCKETS // 100:
+                return canary
+            stable = self.stable or {}
+            weighted = [(v, stable.get(v.deployment.version.name, w)) for v, w in weighted
+                        if v is not canary]
+            low = high
+        total = sum(w for _, w in weighted)
+        if total <= 0:
+            return None
+        point, upto = low * total, 0
+        for v, w in weighted:
+            upto += w * split.BUCKETS
+            if point < upto:
+                return v
+        return None
 
     def split(self) -> bool:
         """More than one version takes traffic: requests are assigned to versions by their
@@ -120,19 +150,15 @@ class ModelRoute:
             candidates = balancer.exclude(pinned.replicas, tried, now)
         else:
             groups = []
-            sticky: VersionGroup | None = None
-            upto = 0
             for v in self.versions:
                 weight = self.weight_of(v)
                 if weight > 0:
-                    upto += weight * 100
-                    if bucket is not None and sticky is None and bucket < upto:
-                        sticky = v
                     found = balancer.exclude(v.replicas, tried, now)
                     if found:
                         groups.append((weight, found, v))
             if not groups:
                 return None, None
+            sticky = self.sticky(bucket) if bucket is not None else None
             mine = next((g for g in groups if g[2] is sticky), None)
             if mine is not None:
                 _, candidates, group = mine

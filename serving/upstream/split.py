@@ -19,6 +19,8 @@ BUCKETS = 10_000
 
 
 def bucket(client_id: str | None, request: Request) -> int:
+    """The conversation's 64-bit hash; ``% BUCKETS`` is its bucket (``ModelRoute.sticky`` uses
+    the next digits for a second, independent choice)."""
     return bucket_of(client_id, _conversation(request))
 
 
@@ -27,7 +29,7 @@ def bucket_of(client_id: str | None, conversation: bytes) -> int:
     digest.update((client_id or "").encode())
     digest.update(b"\0")
     digest.update(conversation)
-    return int.from_bytes(digest.digest(), "big") % BUCKETS
+    return int.from_bytes(digest.digest(), "big")
 
 
 def _conversation(request: Request) -> bytes:

@@ -205,7 +205,8 @@ def spread_conversations(n: int = 256) -> list[str]:
         stratum = int(f"{i:0{bits}b}"[::-1], 2)
         low, high = stratum * split.BUCKETS // n, (stratum + 1) * split.BUCKETS // n
         j = 0
-        while not low <= split.bucket_of("load", f"conversation {i}.{j}".encode()) < high:
+        while not low <= split.bucket_of("load", f"conversation {i}.{j}".encode()) % (
+                split.BUCKETS) < high:
             j += 1
         openers.append(f"conversation {i}.{j}")
     return openers
@@ -357,7 +358,7 @@ def test_rollout_to_v2_under_load_promotes_with_nothing_dropped(
     assert status["state"] == "promoted", status["reason"]
     failed = [s for s in sent if not s.complete]
     assert not failed, failed[:3]  # 0 failed requests, no stream cut
-    buckets = {k: split.bucket_of("load", opener.encode())
+    buckets = {k: split.bucket_of("load", opener.encode()) % split.BUCKETS
                for k, opener in enumerate(OPENERS)}
 
     steps = events(status, "canary")

@@ -94,3 +94,24 @@ def test_source_paths_cannot_escape_the_cache(tmp_path: Path) -> None:
     data["versions"][0]["source"]["path"] = "../../etc"  # type: ignore[index]
     with pytest.raises(ManifestError, match=r"without '\.\.'"):
         load_manifest(write(tmp_path, data))
+
+
+def test_a_manifest_edit_keeps_strings_that_yaml_1_2_would_read_as_numbers(
+        tmp_path: Path) -> None:
+    """A revision or digest like 3311740e6583 is a string to the manifest loader (YAML 1.1);
+    the round-trip editor (ruamel, YAML 1.2) must not turn it into infinity."""
+    from serving.storage.manifest_edit import set_versions
+
+    data = yaml.safe_load((REPO / "models" / "demo-chat.yaml").read_text())
+    v2 = {**data["versions"][0], "name": "v2", "revision": "3311740e6583", "state": "staged",
+          "engine": {**data["versions"][0]["engine"], "port": 8150, "startup_timeout_s": 600.5}}
+    data["versions"].append(v2)
+    data["traffic"]["v2"] = 0
+    (tmp_path / "demo-chat.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    set_versions(tmp_path, "demo-chat", states={"v2": "serving", "v1": "retired"},
+                 traffic={"v2": 100})
+    manifest = load_manifests(tmp_path)[0]
+    assert [(v.name, v.state, v.revision) for v in manifest.versions] == [
+        ("v1", "retired", "seed-0"), ("v2", "serving", "3311740e6583")]
+    assert manifest.versions[1].engine.startup_timeout_s == 600.5
+    assert manifest.traffic == {"v2": 100}
