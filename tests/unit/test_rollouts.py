@@ -1,18 +1,21 @@
 """A rollout's parts that need no engine and no database: judging a window (``analysis``), a
 step's traffic split (``weights``), counting each version's requests in windows
 (``recorder``), keeping a conversation on one version (``upstream.split``,
-``ModelRoute.pick``), and a gateway's routes and metrics following the rollout (``follower``).
+``ModelRoute.pick``), a gateway's routes and metrics following the rollout (``follower``), and
+the controller resuming a paused step (``controller``, on a stand-in for the database).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
-import itertools
+import dataclasses
 import math
 import random
 import time
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -22,12 +25,13 @@ from serving.domain.outcome import Outcome
 from serving.domain.rollout import Analysis, RolloutPolicy
 from serving.metrics import GatewayMetrics
 from serving.rollouts import analysis
+from serving.rollouts.controller import RolloutController
 from serving.rollouts.follower import RolloutFollower
 from serving.rollouts.recorder import RolloutRecorder
 from serving.rollouts.weights import canary_weights
 from serving.storage.db import create_engine
 from serving.storage.manifests import load_manifests
-from serving.storage.rollouts import RolloutRecord, RolloutRepository
+from serving.storage.rollouts import RolloutRecord, RolloutRepository, WindowRow
 from serving.upstream import split
 from serving.upstream.pool import EnginePool, ModelRoute
 from serving.upstream.replicas import Replica
@@ -166,19 +170,51 @@ def test_the_p95_is_read_to_within_one_bucket() -> None:
 # -- weights ----------------------------------------------------------------------------------
 
 
+def hamilton_ok(stable: dict[str, int], share: int, got: dict[str, int]) -> bool:
+    """``got`` is a largest-remainder (Hamilton) split of ``100 - share`` over the stable
+    versions with weight: each gets its exact quota rounded down, plus one for those with the
+    largest remainders (any of them where remainders tie), as many as the rounding lost."""
+    others = {v: w for v, w in stable.items() if w > 0}
+    rest, total = 100 - share, sum(others.values())
+    quota = {v: Fraction(rest * w, total) for v, w in others.items()}
+    floor = {v: math.floor(q) for v, q in quota.items()}
+    extra = {v: got[v] - floor[v] for v in others}
+    if any(e not in (0, 1) for e in extra.values()):
+        return False
+    if sum(extra.values()) != rest - sum(floor.values()):
+        return False
+    up = [quota[v] - floor[v] for v in others if extra[v]]
+    down = [quota[v] - floor[v] for v in others if not extra[v]]
+    return not up or not down or min(up) >= max(down)
+
+
 @pytest.mark.parametrize("stable", [{"v1": 100}, {"v1": 50, "v2": 50}, {"v1": 70, "v2": 30},
                                     {"v1": 34, "v2": 33, "v3": 33}, {"v1": 1, "v2": 1, "v3": 98},
-                                    {"v1": 60, "v2": 25, "v3": 15}, {"v1": 100, "old": 0}])
-def test_a_steps_weights_are_whole_percents_adding_up_to_100(stable: dict[str, int]) -> None:
-    total = sum(stable.values())
+                                    {"v1": 60, "v2": 25, "v3": 15}, {"v1": 100, "old": 0},
+                                    {"v1": 3, "v2": 3, "v3": 3}, {"a": 17, "b": 29, "c": 54}])
+def test_a_steps_weights_are_a_largest_remainder_split_adding_up_to_100(
+        stable: dict[str, int]) -> None:
     for share in range(1, 101):
         weights = canary_weights(stable, "new", share)
         assert sum(weights.values()) == 100, (stable, share, weights)
         assert weights["new"] == share
         assert set(weights) == {"new"} | {v for v, w in stable.items() if w > 0}
-        for version, got in weights.items():
-            if version != "new":  # each stable version keeps its proportion, to a percent
-                assert abs(got - (100 - share) * stable[version] / total) <= 1
+        assert hamilton_ok(stable, share, weights), (stable, share, weights)
+
+
+def test_the_rounding_goes_to_the_largest_remainders() -> None:
+    # 95 % over 60/25/15: 57, 23.75, 14.25: the lost percent goes to the .75.
+    assert canary_weights({"v1": 60, "v2": 25, "v3": 15}, "v4", 5) == {
+        "v4": 5, "v1": 57, "v2": 24, "v3": 14}
+    # 67 %: 40.2, 16.75, 10.05.
+    assert canary_weights({"v1": 60, "v2": 25, "v3": 15}, "v4", 33) == {
+        "v4": 33, "v1": 40, "v2": 17, "v3": 10}
+    # 95 % over 1/1/98: 0.95, 0.95, 93.1: the two small versions get their percent, not v3.
+    assert canary_weights({"v1": 1, "v2": 1, "v3": 98}, "v4", 5) == {
+        "v4": 5, "v1": 1, "v2": 1, "v3": 93}
+    # 50 % over 34/33/33: 17 exactly, and 16.5 twice: one of the two gets the lost percent.
+    got = canary_weights({"v1": 34, "v3": 33, "v4": 33}, "v2", 50)
+    assert got["v2"] == 50 and got["v1"] == 17 and sorted([got["v3"], got["v4"]]) == [16, 17]
 
 
 def test_the_last_step_sends_everything_to_the_canary() -> None:
@@ -194,13 +230,14 @@ WINDOW_S = 60.0
 
 def record(state: str = "canary", step: int = 1, started: float | None = T0,
            model: str = MODEL, weights: dict[str, int] | None = None,
-           rollout_id: str = "r1") -> RolloutRecord:
+           rollout_id: str = "r1", paused: bool = False,
+           stable: dict[str, int] | None = None) -> RolloutRecord:
     policy = RolloutPolicy(steps=[5, 25, 50, 100])
     policy.analysis.window_s = WINDOW_S
     return RolloutRecord(
-        id=rollout_id, model=model, version="v2", state=state, paused=False, step=step,
+        id=rollout_id, model=model, version="v2", state=state, paused=paused, step=step,
         step_started=started, plan=policy.model_dump(mode="json"), weights=weights,
-        stable={"v1": 100}, command=None, command_by=None, reason=None, detail={},
+        stable=stable or {"v1": 100}, command=None, command_by=None, reason=None, detail={},
         created_by="test", created_at=T0 - 100, updated_at=T0)
 
 
@@ -295,6 +332,22 @@ def test_a_new_step_counts_afresh_and_no_rollout_stops_the_counting() -> None:
     assert recorder.pending() == {}
 
 
+def test_a_paused_rollout_counts_nothing_until_resumed() -> None:
+    recorder = RolloutRecorder()
+    now = time.time()
+    recorder.follow([record(started=now - 5)])
+    recorder.observe(outcome(now))
+    assert list(cells(recorder)) == [("r1", 1, 0, "v2")]
+    recorder.follow([record(started=now - 5, paused=True)])
+    recorder.observe(outcome(now + 1))
+    recorder.observe(outcome(now + 2, version="v1"))
+    recorder.attempt_failed(MODEL, "v2")
+    assert recorder.pending() == {}
+    recorder.follow([record(started=now - 5)])  # resumed: counted again
+    recorder.observe(outcome(now + 3))
+    assert list(cells(recorder)) == [("r1", 1, 0, "v2")]
+
+
 # -- split and pick ---------------------------------------------------------------------------
 
 
@@ -303,42 +356,62 @@ def chat(*messages: tuple[str, str]) -> ChatRequest:
         {"role": role, "content": content} for role, content in messages]})
 
 
-def test_a_conversation_keeps_its_bucket_from_turn_to_turn() -> None:
+def test_a_conversation_keeps_its_hash_from_turn_to_turn() -> None:
     first = chat(("system", "Be brief."), ("user", "Plan a trip to Lyon."))
     later = chat(("system", "Be brief."), ("user", "Plan a trip to Lyon."),
                  ("assistant", "Day 1: the old town."), ("user", "And day 2?"))
     assert split.bucket("acme", first) == split.bucket("acme", later)
-    assert 0 <= split.bucket("acme", first) < split.BUCKETS
+    assert 0 <= split.bucket("acme", first) < 2 ** 64
     other = chat(("system", "Be brief."), ("user", "Plan a trip to Nice."))
     assert split.bucket("acme", other) != split.bucket("acme", first)
     prompt = CompletionRequest.model_validate({"model": MODEL, "prompt": "Once upon"})
     assert split.bucket("acme", prompt) == split.bucket(
         "acme", CompletionRequest.model_validate({"model": MODEL, "prompt": "Once upon",
                                                   "max_tokens": 5}))
+    # The whole 64-bit hash, not a bucket: its digits above the bucket are used too.
+    hashes = [split.bucket_of("acme", f"opener {i}".encode()) for i in range(100)]
+    assert max(hashes) >= split.BUCKETS ** 2
+    assert len({h // split.BUCKETS % split.BUCKETS for h in hashes}) > 90
 
 
 def test_clients_with_the_same_conversation_land_apart() -> None:
     openers = [f"Summarise report {i}." for i in range(50)]
-    same = sum(split.bucket("acme", chat(("user", o))) == split.bucket("globex", chat(("user", o)))
-               for o in openers)
+    same = sum(split.bucket("acme", chat(("user", o))) % split.BUCKETS
+               == split.bucket("globex", chat(("user", o))) % split.BUCKETS for o in openers)
     assert same <= 1
 
 
-def test_conversations_spread_evenly_over_the_buckets() -> None:
-    buckets = [split.bucket_of("acme", f"conversation {i}".encode()) for i in range(10_000)]
-    under = sum(b < split.BUCKETS // 2 for b in buckets) / len(buckets)
-    assert abs(under - 0.5) <= 0.02
-    tenth = sum(b < split.BUCKETS // 10 for b in buckets) / len(buckets)
-    assert abs(tenth - 0.1) <= 0.02
+def test_conversations_spread_evenly_over_both_parts_independently() -> None:
+    hashes = [split.bucket_of("acme", f"conversation {i}".encode()) for i in range(10_000)]
+    low = [h % split.BUCKETS for h in hashes]
+    high = [h // split.BUCKETS % split.BUCKETS for h in hashes]
+    for part in (low, high):
+        assert abs(sum(b < split.BUCKETS // 2 for b in part) / len(part) - 0.5) <= 0.02
+        assert abs(sum(b < split.BUCKETS // 10 for b in part) / len(part) - 0.1) <= 0.02
+    # Independent: where a conversation's bucket lies says nothing about its second part.
+    for fraction in (0.05, 0.25, 0.5):
+        cut = int(fraction * split.BUCKETS)
+        above = [hi for lo, hi in zip(low, high, strict=True) if lo >= cut]
+        assert abs(sum(hi < split.BUCKETS // 2 for hi in above) / len(above) - 0.5) <= 0.02
+        assert abs(sum(hi < split.BUCKETS // 4 for hi in above) / len(above) - 0.25) <= 0.02
+
+
+def conversation(low: int, high: int = 0) -> int:
+    """A conversation hash whose bucket is ``low`` and whose second part is ``high``."""
+    return 12345 * split.BUCKETS ** 2 + high * split.BUCKETS + low  # digits above: ignored
 
 
 def two_versions(tmp_path: Path, traffic: dict[str, int]) -> EnginePool:
-    """demo-chat with a second serving version v2 (another port), listed after v1."""
+    """demo-chat serving the versions ``traffic`` names, listed in its order: copies of v1,
+    v<n> on v1's port + 100 * (n - 1)."""
     data = yaml.safe_load((REPO / "models" / "demo-chat.yaml").read_text())
-    v2 = copy.deepcopy(data["versions"][0])
-    v2["name"] = "v2"
-    v2["engine"]["port"] = data["versions"][0]["engine"]["port"] + 100
-    data["versions"].append(v2)
+    v1 = data["versions"][0]
+    data["versions"] = []
+    for name in traffic:
+        version = copy.deepcopy(v1)
+        version["name"] = name
+        version["engine"]["port"] = v1["engine"]["port"] + 100 * (int(name[1:]) - 1)
+        data["versions"].append(version)
     data["traffic"] = traffic
     (tmp_path / "demo-chat.yaml").write_text(yaml.safe_dump(data))
     pool = EnginePool(load_manifests(tmp_path))
@@ -357,24 +430,83 @@ def version_for(route: ModelRoute, bucket: int, tried: tuple[Replica, ...] = ())
 
 def test_buckets_go_to_versions_in_the_manifests_order(tmp_path: Path) -> None:
     route = two_versions(tmp_path, {"v1": 100, "v2": 0}).routes[MODEL]
-    route.weights = {"v1": 75, "v2": 25}
+    route.weights = {"v1": 75, "v2": 25}  # no canary: a traffic split, by the bucket alone
     assert route.split()
-    assert [version_for(route, b) for b in (0, 2499, 7499, 7500, 9999)] == [
-        "v1", "v1", "v1", "v2", "v2"]
+    for high in (0, 1, 5000, 9999):
+        assert [version_for(route, conversation(b, high)) for b in (0, 2499, 7499, 7500, 9999)
+                ] == ["v1", "v1", "v1", "v2", "v2"]
     for b in range(0, split.BUCKETS, 37):  # the same conversation, the same version
-        assert len({version_for(route, b) for _ in range(3)}) == 1
+        assert len({version_for(route, conversation(b, b)) for _ in range(3)}) == 1
+
+
+def rollout(route: ModelRoute, weights: dict[str, int], stable: dict[str, int],
+            canary: str = "v2") -> None:
+    """What the follower puts on a route during a rollout's step."""
+    route.weights, route.stable, route.canary = weights, stable, canary
+
+
+def test_the_canary_takes_the_lowest_buckets_and_the_rest_split_by_the_second_part(
+        tmp_path: Path) -> None:
+    route = two_versions(tmp_path, {"v1": 50, "v2": 0, "v3": 50}).routes[MODEL]
+    rollout(route, {"v1": 38, "v2": 25, "v3": 37}, {"v1": 50, "v3": 50})
+    for high in (0, 4999, 5000, 9999):  # the canary's buckets, whatever the second part
+        assert version_for(route, conversation(0, high)) == "v2"
+        assert version_for(route, conversation(2499, high)) == "v2"
+    for low in (2500, 6000, 9999):  # above them: the second part decides, half and half
+        assert [version_for(route, conversation(low, high)) for high in (0, 4999, 5000, 9999)
+                ] == ["v1", "v1", "v3", "v3"]
+    # The stable versions' proportions at the rollout's start decide, not the step's rounding.
+    rollout(route, {"v1": 52, "v2": 25, "v3": 23}, {"v1": 70, "v3": 30})
+    assert [version_for(route, conversation(5000, high)) for high in (6999, 7000)
+            ] == ["v1", "v3"]
+    assert version_for(route, conversation(2499, 9999)) == "v2"
 
 
 def test_raising_the_canarys_weight_only_moves_conversations_to_it(tmp_path: Path) -> None:
     route = two_versions(tmp_path, {"v1": 100, "v2": 0}).routes[MODEL]
-    route.weights = {"v1": 75, "v2": 25}
-    before = [version_for(route, b) for b in range(split.BUCKETS)]
-    route.weights = {"v1": 50, "v2": 50}
-    after = [version_for(route, b) for b in range(split.BUCKETS)]
-    moved = [b for b in range(split.BUCKETS) if before[b] != after[b]]
-    assert all(before[b] == "v1" and after[b] == "v2" for b in moved)
+    hashes = [conversation(b, b * 7919 % split.BUCKETS) for b in range(split.BUCKETS)]
+    rollout(route, {"v1": 75, "v2": 25}, {"v1": 100})
+    before = [version_for(route, h) for h in hashes]
+    assert before.count("v2") == 2500
+    rollout(route, {"v1": 50, "v2": 50}, {"v1": 100})
+    after = [version_for(route, h) for h in hashes]
+    moved = [i for i in range(split.BUCKETS) if before[i] != after[i]]
+    assert all(before[i] == "v1" and after[i] == "v2" for i in moved)
     assert len(moved) == 2500
     assert after.count("v2") == 5000
+
+
+@pytest.mark.parametrize("order", [("v1", "v3", "v2"), ("v2", "v1", "v3"),
+                                   ("v1", "v2", "v3")])
+@pytest.mark.parametrize("stable", [{"v1": 50, "v3": 50}, {"v1": 70, "v3": 30},
+                                    {"v1": 20, "v3": 80}])
+def test_no_step_moves_a_conversation_from_one_stable_version_to_another(
+        tmp_path: Path, stable: dict[str, int], order: tuple[str, ...]) -> None:
+    """The canary v2 listed after, before or between the stable versions v1 and v3 (the
+    manifest's order): each step's conversations either stay where they were or go to the
+    canary, and every version gets its share."""
+    traffic = {**stable, "v2": 0}
+    follow, pool, _ = follower(tmp_path, {v: traffic[v] for v in order})
+    route = pool.routes[MODEL]
+    rng = random.Random(5)
+    hashes = [split.bucket_of(f"client-{rng.randrange(50)}", f"chat {rng.random()}".encode())
+              for _ in range(10_000)]
+    previous: list[str | None] | None = None
+    for share in (5, 25, 50, 100):
+        follow.apply([record(weights=canary_weights(stable, "v2", share), stable=stable)])
+        assert route.canary == "v2" and route.stable == stable
+        now = [version_for(route, h) for h in hashes]
+        n = len(hashes)
+        assert abs(now.count("v2") / n - share / 100) <= 0.02, (share, now.count("v2"))
+        for version, w in stable.items():
+            expected = (100 - share) / 100 * w / 100
+            assert abs(now.count(version) / n - expected) <= 0.02, (share, version)
+        if previous is not None:
+            changed = [(a, b) for a, b in zip(previous, now, strict=True) if a != b]
+            assert changed and all(b == "v2" for _, b in changed), set(changed)
+            assert all(a != "v2" for a, _ in changed)
+        previous = now
+    assert set(previous or []) == {"v2"}
 
 
 def test_a_conversations_version_without_a_replica_sends_it_to_the_other(
@@ -405,8 +537,9 @@ def test_without_rollout_weights_the_manifests_split_routes(tmp_path: Path) -> N
 # -- follower ---------------------------------------------------------------------------------
 
 
-def follower(tmp_path: Path) -> tuple[RolloutFollower, EnginePool, GatewayMetrics]:
-    pool = two_versions(tmp_path, {"v1": 100, "v2": 0})
+def follower(tmp_path: Path, traffic: dict[str, int] | None = None
+             ) -> tuple[RolloutFollower, EnginePool, GatewayMetrics]:
+    pool = two_versions(tmp_path, traffic or {"v1": 100, "v2": 0})
     metrics = GatewayMetrics()
     # apply() never touches the database: an engine that is never connected.
     repo = RolloutRepository(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}"))
@@ -426,20 +559,26 @@ def test_the_follower_routes_by_the_rollouts_weights_and_shows_them(tmp_path: Pa
     follow, pool, metrics = follower(tmp_path)
     route = pool.routes[MODEL]
     follow.apply([])  # no rollout: the manifest's split
+    assert (route.weights, route.canary, route.stable) == (None, None, None)
     assert (weight(metrics, "v1"), weight(metrics, "v2"), step_share(metrics)) == (100, 0, 0)
 
     follow.apply([record(step=1, weights={"v1": 75, "v2": 25})])
-    assert route.weights == {"v1": 75, "v2": 25}
-    assert version_for(route, 9999) == "v2"
+    assert (route.weights, route.canary, route.stable) == ({"v1": 75, "v2": 25}, "v2",
+                                                           {"v1": 100})
+    # The canary has the lowest quarter of the buckets, whatever the second part.
+    assert [version_for(route, conversation(b, 9999)) for b in (0, 2499, 2500, 9999)] == [
+        "v2", "v2", "v1", "v1"]
     assert (weight(metrics, "v1"), weight(metrics, "v2"), step_share(metrics)) == (75, 25, 25)
 
     follow.apply([record(step=2, weights={"v1": 50, "v2": 50})])
-    assert route.weights == {"v1": 50, "v2": 50}
+    assert route.weights == {"v1": 50, "v2": 50} and route.canary == "v2"
+    assert [version_for(route, conversation(b)) for b in (0, 4999, 5000, 9999)] == [
+        "v2", "v2", "v1", "v1"]
     assert (weight(metrics, "v1"), weight(metrics, "v2"), step_share(metrics)) == (50, 50, 50)
 
     follow.apply([])  # the rollout ended: the manifest's split again
-    assert route.weights is None
-    assert version_for(route, 9999) == "v1"
+    assert (route.weights, route.canary, route.stable) == (None, None, None)
+    assert version_for(route, conversation(0)) == "v1"
     assert (weight(metrics, "v1"), weight(metrics, "v2"), step_share(metrics)) == (100, 0, 0)
 
 
@@ -469,11 +608,90 @@ def test_a_version_gone_from_the_routes_loses_its_series(tmp_path: Path) -> None
 
 def test_each_steps_weights_route_that_share_of_conversations(tmp_path: Path) -> None:
     """The split a step gives, applied by the follower, is what the router does: over the
-    buckets each version gets its share exactly, the canary the top of the range."""
+    buckets each version gets its share exactly, the canary the bottom of the range."""
     follow, pool, _ = follower(tmp_path)
     route = pool.routes[MODEL]
     for share in (5, 25, 50, 100):
         follow.apply([record(weights=canary_weights({"v1": 100}, "v2", share))])
-        got = [version_for(route, b) for b in range(0, split.BUCKETS, 10)]
-        assert got.count("v2") == share * 10
-        assert list(itertools.dropwhile(lambda v: v == "v1", got)) == ["v2"] * (share * 10)
+        got = [version_for(route, conversation(b, b % 97 * 101))
+               for b in range(0, split.BUCKETS, 10)]
+        assert got == ["v2"] * (share * 10) + ["v1"] * ((100 - share) * 10), share
+
+
+# -- controller: resuming a paused step -------------------------------------------------------
+
+
+class RowsOnly:
+    """The repository's calls the controller's command and canary step make, kept in memory:
+    each transition applied to the record and remembered."""
+
+    def __init__(self, windows: list[WindowRow]) -> None:
+        self.rows = windows
+        self.moves: list[dict[str, Any]] = []
+        self.windows_asked = 0
+
+    async def transition(self, current: RolloutRecord, actor: str, *, state: str | None = None,
+                         reason: str | None = None, now: float,
+                         done_command: str | None = None, **values: Any) -> RolloutRecord:
+        self.moves.append({"state": state, "reason": reason, **values})
+        changes: dict[str, Any] = dict(values, updated_at=now)
+        if state is not None:
+            changes["state"] = state
+        if reason is not None:
+            changes["reason"] = reason
+        if done_command is not None and current.command == done_command:
+            changes.update(command=None, command_by=None)
+        return dataclasses.replace(current, **changes)
+
+    async def windows(self, rollout_id: str, step: int) -> list[WindowRow]:
+        self.windows_asked += 1
+        return self.rows
+
+
+def controller(repo: RowsOnly) -> RolloutController:
+    return RolloutController(cast(Any, repo), cast(Any, None), cast(Any, None), None,
+                             GatewayMetrics(), cast(Any, None), "test")
+
+
+def test_resuming_a_canary_step_skips_the_window_the_pause_cut_short() -> None:
+    # Paused in window 3 of step 1: windows 0..2 judged (one passed), window 3 cut short.
+    paused = dataclasses.replace(record(started=T0, paused=True), command="resume",
+                                 command_by="admin:ops", detail={"judged": 2, "passed": 1})
+    failing = stats(100, errors=50)  # counted in window 3 before the pause: never judged
+    repo = RowsOnly([WindowRow(1, 3, "v2", "gw", failing), WindowRow(1, 3, "v1", "gw", fast()),
+                     WindowRow(1, 4, "v2", "gw", fast()), WindowRow(1, 4, "v1", "gw", fast())])
+    control = controller(repo)
+    before = time.time()
+    resumed = asyncio.run(control._command(paused))
+    after = time.time()
+    assert not resumed.paused and resumed.command is None
+    assert resumed.reason == "resumed by admin:ops"
+    assert resumed.detail == {"judged": 3, "passed": 1}
+    # The next window, 4, starts now: the step goes on (judged + 2) windows in.
+    assert resumed.step_started is not None
+    assert before - 4 * WINDOW_S <= resumed.step_started <= after - 4 * WINDOW_S
+    assert resumed.state == "canary" and resumed.step == 1
+
+    # At once after resuming: nothing to judge (window 4 has just begun).
+    asyncio.run(control._canary(resumed))
+    assert repo.windows_asked == 0 and len(repo.moves) == 1
+
+    # A window later: window 4 alone is judged (it passes); window 3's failures never count.
+    later = dataclasses.replace(resumed, step_started=resumed.step_started - WINDOW_S)
+    asyncio.run(control._canary(later))
+    judged = [m for m in repo.moves[1:] if m["state"] is None]
+    assert [m["detail"]["judged"] for m in judged] == [4]
+    assert judged[0]["detail"]["passed"] == 2
+    assert judged[0]["detail"]["last_window"]["window"] == 4
+    assert all(m["state"] != "rolling_back" for m in repo.moves)
+
+
+def test_resuming_outside_a_canary_step_only_unpauses() -> None:
+    paused = dataclasses.replace(record(state="evaluating", step=-1, started=None,
+                                        paused=True), command="resume", command_by="admin:ops",
+                                 detail={"phase": "eval"})
+    repo = RowsOnly([])
+    resumed = asyncio.run(controller(repo)._command(paused))
+    assert not resumed.paused and resumed.command is None
+    assert resumed.step_started is None and resumed.detail == {"phase": "eval"}
+    assert repo.moves == [{"state": None, "reason": "resumed by admin:ops", "paused": False}]
