@@ -91,27 +91,26 @@ class ModelRoute:
         return group.deployment.weight
 
     def sticky(self, bucket: int) -> VersionGroup | None:
-        """The version a conversation's bucket (``split.bucket``) belongs to. With no rollout:
-        by the traffic split, in the manifest's order. During a rollout: the canary takes the
-        lowest buckets, as many as its weight; a conversation above them goes to a stable
-        version chosen by a second, independent part of its hash in the stable versions'
-        proportions at the rollout's start, so raising the canary's weight moves conversations
-        from the stable versions to it, never from one stable version to another."""
+        """The version a conversation (its hash: ``split.bucket``) belongs to. The hash has two
+        independent parts: the low digits (the bucket) decide between a rollout's canary and
+        the rest (the canary takes the lowest buckets, as many as its weight); the next digits
+        choose among the other versions by their weights (during a rollout: their weights at
+        its start). So a rollout moves conversations from the stable versions to the canary
+        as its weight grows, never between stable versions, and a rollback puts each back
+        where it was."""
         low, high = bucket % split.BUCKETS, (bucket // split.BUCKETS) % split.BUCKETS
         weighted = [(v, self.weight_of(v)) for v in self.versions if self.weight_of(v) > 0]
-        canary = next((v for v, _ in weighted if v.deployment.version.name == self.canary),
+        canary = next((v for v in self.versions if v.deployment.version.name == self.canary),
                       None) if self.canary is not None else None
         if canary is not None:
             if low < self.weight_of(canary) * split.BUCKETS // 100:
                 return canary
             stable = self.stable or {}
-            weighted = [(v, stable.get(v.deployment.version.name, w)) for v, w in weighted
+            weighted = [(v, stable.get(v.deployment.version.name, 0)) for v in self.versions
                         if v is not canary]
-            low = high
+        weighted = [(v, w) for v, w in weighted if w > 0]
         total = sum(w for _, w in weighted)
-        if total <= 0:
-            return None
-        point, upto = low * total, 0
+        point, upto = high * total, 0
         for v, w in weighted:
             upto += w * split.BUCKETS
             if point < upto:
@@ -141,9 +140,10 @@ class ModelRoute:
              ) -> tuple[Replica | None, str | None]:
         """A replica for the next attempt (never one in ``tried``), counted as taken; with the
         affinity result (hit, miss, overloaded) when affinity decided. None: none available.
-        ``bucket`` (0..9999, the request's conversation): which version it belongs to when
-        several take traffic, the same one for the whole conversation; when that version has
-        no replica left to try, another version takes the request."""
+        ``bucket`` (the request's conversation hash, ``split.bucket``): which version it
+        belongs to when several take traffic (``sticky``), the same one for the whole
+        conversation; when that version has no replica left to try, another version takes
+        the request."""
         now = time.monotonic()
         if pinned is not None:
             group: VersionGroup | None = pinned

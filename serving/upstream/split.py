@@ -1,7 +1,8 @@
 """Which version a request belongs to while several take traffic (a rollout's canary): a
-bucket (0..9999) hashed from the client and the conversation, so that every request of one
-conversation goes to the same version, in every gateway process, and raising the canary's
-weight only moves conversations from the stable version to the canary, never back.
+64-bit hash of the client and the conversation (``ModelRoute.sticky`` reads two independent
+parts of it), so that every request of one conversation goes to the same version, in every
+gateway process, and raising the canary's weight only moves conversations from the stable
+versions to the canary, never back, never between stable versions.
 
 The conversation is its first user message (a chat's later turns repeat it), a completion's
 prompt, an embedding's input: what stays the same from one turn to the next.

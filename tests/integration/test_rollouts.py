@@ -296,10 +296,12 @@ def test_a_canary_failing_under_traffic_rolls_back_within_one_window(lab: Lab) -
     assert "automatic rollback" in rollback["reason"] and "error rate" in rollback["reason"]
     # Judged at the end of the first window (plus the counts' half-second flush and a tick).
     assert rollback["at"] - canary["at"] <= WINDOW_S + 2.5
+    print(f"rolled back {rollback['at'] - canary['at']:.1f} s after the canary step began")
     assert faulty.hits["error"] > 0
     during = [s for s in sent if canary["at"] <= s.wall <= rollback["at"]]
     failed = [s for s in during if not s.complete]
     assert len(failed) <= 0.25 * len(during), failed[:3]
+    print(f"{len(failed)} of {len(during)} requests failed while the canary served")
     late = [s for s in sent if s.wall > rollback["at"] + 1.5 and s.version == "v2-faulty"]
     assert not late  # the stable weights are back within the follower's interval
     assert lab.metric("enclave_rollouts_finished_total", outcome="rolled_back",
@@ -373,6 +375,8 @@ def test_rollout_to_v2_under_load_promotes_with_nothing_dropped(
         assert len(window) >= 40, (step, len(window))
         share = 100 * sum(s.version == "v2" for s in window) / len(window)
         assert abs(share - step["weights"]["v2"]) <= 5, (step["weights"], share, len(window))
+        print(f"step {step['weights']['v2']}%: v2 share {share:.1f}% of {len(window)} requests "
+              f"({len(window) / max(end - step['at'] - 1.2, 0.1):.0f}/s)")
         # Each conversation goes where its bucket says: the same version for all its turns.
         cut = step["weights"]["v2"] * 100
         wrong = [s for s in window if (s.version == "v2") != (buckets[s.conversation] < cut)]

@@ -428,12 +428,13 @@ def version_for(route: ModelRoute, bucket: int, tried: tuple[Replica, ...] = ())
     return replica.deployment.version.name
 
 
-def test_buckets_go_to_versions_in_the_manifests_order(tmp_path: Path) -> None:
+def test_a_split_without_a_rollout_goes_by_the_second_part_in_the_manifests_order(
+        tmp_path: Path) -> None:
     route = two_versions(tmp_path, {"v1": 100, "v2": 0}).routes[MODEL]
-    route.weights = {"v1": 75, "v2": 25}  # no canary: a traffic split, by the bucket alone
+    route.weights = {"v1": 75, "v2": 25}  # no canary: a traffic split, by the second part
     assert route.split()
-    for high in (0, 1, 5000, 9999):
-        assert [version_for(route, conversation(b, high)) for b in (0, 2499, 7499, 7500, 9999)
+    for low in (0, 1, 5000, 9999):  # the bucket (the canary's part) plays no role
+        assert [version_for(route, conversation(low, h)) for h in (0, 2499, 7499, 7500, 9999)
                 ] == ["v1", "v1", "v1", "v2", "v2"]
     for b in range(0, split.BUCKETS, 37):  # the same conversation, the same version
         assert len({version_for(route, conversation(b, b)) for _ in range(3)}) == 1
@@ -514,11 +515,11 @@ def test_a_conversations_version_without_a_replica_sends_it_to_the_other(
     route = two_versions(tmp_path, {"v1": 100, "v2": 0}).routes[MODEL]
     route.weights = {"v1": 75, "v2": 25}
     v2_replica = route.version("v2").replicas[0]  # type: ignore[union-attr]
-    assert version_for(route, 9000) == "v2"
-    assert version_for(route, 9000, tried=(v2_replica,)) == "v1"  # its attempt failed
+    assert version_for(route, conversation(0, 9000)) == "v2"
+    assert version_for(route, conversation(0, 9000), tried=(v2_replica,)) == "v1"  # it failed
     v2_replica.healthy = False
-    assert version_for(route, 9000) == "v1"
-    assert version_for(route, 100) == "v1"
+    assert version_for(route, conversation(0, 9000)) == "v1"
+    assert version_for(route, conversation(0, 100)) == "v1"
 
 
 def test_without_rollout_weights_the_manifests_split_routes(tmp_path: Path) -> None:
@@ -531,7 +532,7 @@ def test_without_rollout_weights_the_manifests_split_routes(tmp_path: Path) -> N
     assert {version_for(route, b) for b in (0, 5000, 9999)} == {"v1"}
     split_route = two_versions(tmp_path, {"v1": 40, "v2": 60}).routes[MODEL]
     assert split_route.split()
-    assert [version_for(split_route, b) for b in (3999, 4000)] == ["v1", "v2"]
+    assert [version_for(split_route, conversation(0, h)) for h in (3999, 4000)] == ["v1", "v2"]
 
 
 # -- follower ---------------------------------------------------------------------------------
@@ -695,3 +696,21 @@ def test_resuming_outside_a_canary_step_only_unpauses() -> None:
     assert not resumed.paused and resumed.command is None
     assert resumed.step_started is None and resumed.detail == {"phase": "eval"}
     assert repo.moves == [{"state": None, "reason": "resumed by admin:ops", "paused": False}]
+
+
+def test_a_rollout_and_its_rollback_move_no_conversation_between_stable_versions(
+        tmp_path: Path) -> None:
+    """Stable v1/v3 split 50/50 by the manifest: when the rollout starts, a conversation either
+    stays where it was or goes to the canary; when it is rolled back, each returns where it
+    was before the rollout."""
+    route = two_versions(tmp_path, {"v1": 50, "v2": 0, "v3": 50}).routes[MODEL]
+    rng = random.Random(18)
+    hashes = [rng.getrandbits(64) for _ in range(10_000)]
+    before = [version_for(route, h) for h in hashes]
+    assert abs(before.count("v1") - 5000) < 200
+    rollout(route, {"v1": 48, "v2": 5, "v3": 47}, {"v1": 50, "v3": 50})
+    during = [version_for(route, h) for h in hashes]
+    assert all(d in (b, "v2") for b, d in zip(before, during, strict=True))
+    assert abs(during.count("v2") - 500) < 100
+    route.weights, route.canary, route.stable = None, None, None  # rolled back
+    assert [version_for(route, h) for h in hashes] == before
