@@ -86,8 +86,10 @@ def set_versions(models_dir: Path, model: str, *, states: dict[str, str] | None 
 def add_version(models_dir: Path, model: str, version: str, source_path: Path, revision: str,
                 sums: dict[str, str]) -> dict[str, Any]:
     """Append ``version`` (weights in ``source_path``, pinned by ``sums``) to ``model``'s
-    manifest at traffic weight 0, its engine block copied from the newest version and moved to
-    ports no manifest uses. Returns the new version as written. Raises ``ManifestError``."""
+    manifest, staged at traffic weight 0, its engine block copied from the version serving
+    most of the traffic (local replicas only: engines elsewhere are the operator's to list)
+    and moved to ports no manifest uses. Returns the new version as written. Raises
+    ``ManifestError``."""
     path = models_dir / f"{model}.yaml"
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest for model '{model}'; write one first")
@@ -98,7 +100,15 @@ def add_version(models_dir: Path, model: str, version: str, source_path: Path, r
         raise ManifestError(f"{path}: version '{version}' exists already")
     used = {port for m in load_manifests(models_dir) for d in m.all_deployments()
             for _, port, _ in d.version.engine.local_replicas()}
-    engine = json.loads(json.dumps(versions[-1]["engine"]))  # plain values: no comments
+    # The engine block of the version serving most of the traffic (plain values: no
+    # comments), without its endpoints: those are the old version's engines elsewhere.
+    traffic = data.get("traffic") or {}
+    template = max(versions, key=lambda v: (v.get("state", "serving") == "serving",
+                                            traffic.get(v["name"], 0)))
+    engine = json.loads(json.dumps(template["engine"]))
+    engine.pop("endpoints", None)
+    if int(engine.get("replicas", 1)) < 1:
+        engine["replicas"] = 1
     replicas = int(engine.get("replicas", 1))
     port = max(used) + 1 if used else int(engine["port"])
     while any(p in used for p in range(port, port + max(replicas, 1))):
