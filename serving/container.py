@@ -105,6 +105,7 @@ class Services:
     tracing: Tracing
     idempotency: IdempotencyService
     rollouts: RolloutService
+    manifests: ManifestWatcher
 
 
 def default_session(settings: Settings, tls: ssl.SSLContext | None = None
@@ -169,7 +170,7 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
                           max_attempts=settings.upstream_max_attempts,
                           first_byte_timeout_s=settings.upstream_first_byte_timeout_s,
                           on_failed_attempt=recorder.attempt_failed),
-        rollouts=state.rollouts)
+        rollouts=state.rollouts, manifests=_manifest_watcher(settings, pool, policies, metrics))
     metrics.prime({name: [r.name for r in route.replicas] for name, route in pool.routes.items()})
     await pool.check_all(engine_client)
     await _first(follower.sync)  # a gateway restarted mid-rollout routes by its weights at once
@@ -184,7 +185,7 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         asyncio.create_task(limiter.maintain()),
         asyncio.create_task(state.keys.keep_last_used(settings.last_used_flush_s)),
         asyncio.create_task(_refresh_signing_keys(state.issuer)),
-        asyncio.create_task(_manifest_watcher(settings, pool, policies, metrics).run()),
+        asyncio.create_task(services.manifests.run()),
         asyncio.create_task(follower.run(settings.rollout_follow_interval_s)),
     ]
     if settings.rollout_controller:

@@ -55,10 +55,12 @@ FAST = {"ENCLAVE_MANIFEST_RELOAD_INTERVAL_S": "0.5", "ENCLAVE_ROLLOUT_FOLLOW_INT
 POLICY = {
     "steps": [5, 25, 50, 100], "step_duration_s": 8,
     "eval": {"set": "demo-chat", "min_pass_rate": 0.9, "max_drop": 0.05},
-    # Latency is compared loosely: on two shared cores the canary's engine and the stable
-    # one take turns on the CPU (the rule itself is tested in tests/unit/test_rollouts.py).
+    # Latency is compared loosely: on two shared cores two engines, the gateway and the load
+    # take turns on the CPU, and one engine stalls for a second or two now and then (a healthy
+    # v2 once showed a window's TTFT p95 at 1578 ms against v1's 169 ms, and was rolled back
+    # with a 1 s slack). The rule itself is tested in tests/unit/test_rollouts.py.
     "analysis": {"window_s": WINDOW_S, "min_requests": 5, "ttft_p95_ratio": 5,
-                 "tpot_p95_ratio": 5, "latency_slack_s": 1.0},
+                 "tpot_p95_ratio": 5, "latency_slack_s": 5.0},
     "healthy_timeout_s": 300,
 }
 
@@ -360,7 +362,7 @@ def test_rollout_to_v2_under_load_promotes_with_nothing_dropped(
     finally:
         stop.set()
         thread.join(timeout=120)
-    assert status["state"] == "promoted", status["reason"]
+    assert status["state"] == "promoted", (status["reason"], status["detail"].get("last_window"))
     failed = [s for s in sent if not s.complete]
     assert not failed, failed[:3]  # 0 failed requests, no stream cut
     buckets = {k: split.bucket_of("load", opener.encode()) % split.BUCKETS
