@@ -157,7 +157,8 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         rollout_repo, pool, Paths(settings.models_dir, settings.evals_dir, settings.cache_dir,
                                   settings.engine_env_dir, settings.resolved_supervisor_socket),
         trail, metrics, engine_client, gateway_id,
-        reload_wait_s=2 * settings.manifest_reload_interval_s + 1.0)
+        reload_wait_s=2 * settings.manifest_reload_interval_s + 1.0,
+        flush_grace_s=settings.rollout_follow_interval_s + 1.0)
     offload = Offload(settings.inspect_workers, settings.inspect_inline_bytes)
     offload.share_the_interpreter()
     services = Services(

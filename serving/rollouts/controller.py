@@ -43,8 +43,8 @@ from serving.metrics import GatewayMetrics
 from serving.rollouts import analysis
 from serving.rollouts.weights import canary_weights
 from serving.storage.manifest_edit import set_versions
-from serving.storage.manifests import load_manifests
-from serving.storage.rollouts import RolloutRecord, RolloutRepository
+from serving.storage.manifests import load_manifest
+from serving.storage.rollouts import RolloutRecord, RolloutRepository, Stale
 from serving.upstream.pool import EnginePool, VersionGroup
 
 log = logging.getLogger("enclave.rollouts")
@@ -66,7 +66,8 @@ class RolloutController:
     def __init__(self, repo: RolloutRepository, pool: EnginePool, paths: Paths,
                  trail: AuditTrail | None, metrics: GatewayMetrics,
                  engine_client: httpx.AsyncClient, holder: str, *,
-                 reload_wait_s: float = 5.0, tick_s: float = 0.5) -> None:
+                 reload_wait_s: float = 5.0, tick_s: float = 0.5,
+                 flush_grace_s: float = 2.0) -> None:
         self.repo = repo
         self.pool = pool
         self.paths = paths
@@ -76,7 +77,8 @@ class RolloutController:
         self.holder = holder
         self.reload_wait_s = reload_wait_s  # every gateway has re-read the manifests by then
         self.tick_s = tick_s
-        self._jobs: dict[str, asyncio.Task[Any]] = {}
+        self.flush_grace_s = flush_grace_s  # the gateways' counts for a window are in by then
+        self._jobs: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._stuck: dict[str, str] = {}  # rollout id -> the problem last logged
         self.leading = False
 
@@ -96,33 +98,55 @@ class RolloutController:
                     await self.repo.release(LEASE, self.holder)
 
     async def tick(self) -> None:
+        records = await self.repo.active()
+        if not records and not self.leading:
+            return  # nothing to do: no write to the database for an idle gateway
         now = time.time()
         held = await self.repo.acquire(LEASE, self.holder, LEASE_TTL_S, now)
         if held != self.leading:
             log.info("rollout controller " + ("leading" if held else "standing by"),
                      extra={"holder": self.holder})
             self.leading = held
+            if not held:  # another gateway acts now: what was started here is its to redo
+                for job in self._jobs.values():
+                    job.cancel()
+                self._jobs.clear()
         if not held:
             return
-        for record in await self.repo.active():
+        if not records:
+            await self.repo.release(LEASE, self.holder)
+            self.leading = False
+            return
+        for record in records:
             try:
                 await self.advance(record)
+            except Stale:
+                continue  # someone else moved it since it was read: read again next tick
             except (ManifestError, OSError) as exc:
-                problem = f"cannot change the manifest: {exc}"
-                if record.state in ("promoting", "rolling_back"):  # tried again next tick
-                    if self._stuck.get(record.id) != problem:
-                        log.error("rollout stuck", extra={"rollout": record.id,
-                                                          "problem": problem})
-                        self._stuck[record.id] = problem
-                    continue
-                await self._move(record, "failed" if record.state in ("pending", "verifying")
-                                 else "rolling_back", problem, weights=record.stable or None)
+                await self._cannot_edit(record, f"cannot change the manifest: {exc}")
+            except Exception:  # one broken rollout never holds up the others
+                log.exception("rollout step failed", extra={"rollout": record.id})
+
+    async def _cannot_edit(self, record: RolloutRecord, problem: str) -> None:
+        current = await self.repo.get(record.id)  # the row as it is now, commands applied
+        if current is None or not current.active:
+            return
+        if current.state in ("promoting", "rolling_back"):  # tried again next tick
+            if self._stuck.get(current.id) != problem:
+                log.error("rollout stuck", extra={"rollout": current.id, "problem": problem})
+                self._stuck[current.id] = problem
+            return
+        await self._move(current, "failed" if current.state in ("pending", "verifying")
+                         else "rolling_back", problem,
+                         weights=current.stable if current.weights else None)
 
     # -- the state machine ------------------------------------------------------------------
 
     async def advance(self, r: RolloutRecord) -> None:
         if r.command is not None:
             r = await self._command(r)
+        if r.paused and r.state in ("starting", "evaluating"):
+            return  # held before the canary takes traffic (a running evaluation finishes)
         handler: Callable[[RolloutRecord], Awaitable[None]] | None = {
             "pending": self._pending, "verifying": self._verifying,
             "starting": self._starting, "evaluating": self._evaluating,
@@ -132,26 +156,27 @@ class RolloutController:
             await handler(r)
 
     async def _command(self, r: RolloutRecord) -> RolloutRecord:
-        cmd, actor = r.command, r.command_by or "operator"
+        cmd, actor = str(r.command), r.command_by or "operator"
         now = time.time()
         if cmd == "pause" and not r.paused:
-            return await self.repo.transition(r, actor, now=now, paused=True,
-                                              reason=f"paused by {actor}", done_command=cmd)
+            return await self._note(r, actor, f"paused by {actor}", done_command=cmd,
+                                    paused=True, detail={**r.detail, "paused_at": now})
         if cmd == "resume" and r.paused:
             if r.state != "canary" or r.step_started is None:
-                return await self.repo.transition(r, actor, now=now, paused=False,
-                                                  reason=f"resumed by {actor}", done_command=cmd)
+                return await self._note(r, actor, f"resumed by {actor}", done_command=cmd,
+                                        paused=False)
             # The step goes on where it was: the windows judged before the pause still count;
-            # the one the pause cut short is skipped, and the next starts now (nothing was
-            # counted while paused).
+            # the one the pause cut short is skipped (nothing was counted while paused), and
+            # the next one starts now.
             window_s = float(r.plan["analysis"]["window_s"])
-            judged = int(r.detail.get("judged", -1)) + 1
-            return await self.repo.transition(
-                r, actor, now=now, paused=False, step_started=now - (judged + 1) * window_s,
-                detail={**r.detail, "judged": judged}, reason=f"resumed by {actor}",
-                done_command=cmd)
-        if cmd == "promote" and r.state in ("evaluating", "canary", "starting"):
-            self._cancel_job(r)
+            cut = int(r.detail.get("judged", -1)) + 1
+            if r.detail.get("paused_at") is not None:  # the window the pause fell in
+                cut = max(cut, int((float(r.detail["paused_at"]) - r.step_started)
+                                   // window_s))
+            return await self._note(r, actor, f"resumed by {actor}", done_command=cmd,
+                                    paused=False, step_started=now - (cut + 1) * window_s,
+                                    detail={**r.detail, "judged": cut})
+        if cmd == "promote" and r.state == "canary":
             return await self._move(r, "promoting", f"promoted by {actor}", actor=actor,
                                     weights=self._all_to(r), done_command=cmd,
                                     detail={**r.detail, "phase": None, "trigger": "manual"})
@@ -161,9 +186,18 @@ class RolloutController:
             return await self._move(r, to, f"aborted by {actor}", actor=actor,
                                     weights=r.stable if r.weights else None, done_command=cmd,
                                     detail={**r.detail, "phase": None, "trigger": "manual"})
-        # Nothing to do (already paused, too late to abort): the command is dropped.
-        return await self.repo.transition(r, actor, now=now, done_command=cmd,
-                                          reason=f"{cmd} by {actor} ignored in state {r.state}")
+        # Nothing to do (already paused, too late to abort, promote before the canary
+        # steps): the command is dropped, and the history says so.
+        return await self._note(r, actor, f"{cmd} by {actor} ignored in state {r.state}"
+                                + (" (paused)" if r.paused else ""), done_command=cmd)
+
+    async def _note(self, r: RolloutRecord, actor: str, reason: str, *, done_command: str,
+                    **values: Any) -> RolloutRecord:
+        """A command applied without a change of state: a history row and an audit record."""
+        updated = await self.repo.transition(r, actor, now=time.time(), reason=reason,
+                                             done_command=done_command, **values)
+        await self._audit(r, updated, actor, reason)
+        return updated
 
     async def _pending(self, r: RolloutRecord) -> None:
         await self._move(r, "verifying", "verifying the weights")
@@ -172,7 +206,7 @@ class RolloutController:
         job = self._job(r, lambda: asyncio.to_thread(self._verify, r))
         if not job.done():
             return
-        self._jobs.pop(r.id)
+        self._done(r)
         error = job.exception()
         if error is not None:
             await self._move(r, "failed", f"weights check failed: {error}")
@@ -190,6 +224,9 @@ class RolloutController:
         dep = Deployment(model=r.model, task=manifest.task, version=version, weight=0)
         directory = resolve_model_dir(dep, self.paths.cache_dir,
                                       EngineEnvironment(self.paths.engine_env_dir))
+        if not version.sha256:
+            raise StoreError(f"{r.model}@{r.version} pins no sha256: import it with "
+                             "`enclave models import` (nothing unpinned is rolled out)")
         if version.engine.replicas == 0 and not directory.exists():
             return  # engines elsewhere only: their hosts check their weights
         verify_tree(directory, version.sha256)
@@ -213,7 +250,7 @@ class RolloutController:
         job = self._job(r, lambda: self._evaluate(r))
         if not job.done():
             return
-        self._jobs.pop(r.id)
+        self._done(r)
         error = job.exception()
         if error is not None:
             await self._move(r, "rolling_back", f"evaluation could not run: {error}",
@@ -283,7 +320,23 @@ class RolloutController:
             return
         rules = Analysis.model_validate(r.plan["analysis"])
         now = time.time()
-        current = int((now - started) // rules.window_s)
+        group = self._group(r.model, r.version)
+        if group is None or not any(x.healthy for x in group.replicas):
+            since = float(r.detail.get("down_since") or now)
+            if now - since > max(2 * rules.window_s, 30.0):
+                await self._move(r, "rolling_back", f"automatic rollback at step {r.step + 1}: "
+                                 f"no replica of {r.version} healthy for {now - since:.0f} s",
+                                 weights=r.stable, detail={**r.detail, "trigger": "automatic",
+                                                           "phase": None})
+            elif "down_since" not in r.detail:
+                await self.repo.transition(r, CONTROLLER, now=now,
+                                           detail={**r.detail, "down_since": since})
+            return
+        if r.detail.get("down_since") is not None:
+            r = await self.repo.transition(r, CONTROLLER, now=now,
+                                           detail={**r.detail, "down_since": None})
+        # A window is judged once every gateway has written its counts for it.
+        current = int((now - started - self.flush_grace_s) // rules.window_s)
         judged = int(r.detail.get("judged", -1))
         passed = int(r.detail.get("passed", 0))
         if current - 1 > judged:
@@ -322,10 +375,10 @@ class RolloutController:
                          detail={**r.detail, "judged": -1, "passed": 0})
 
     async def _promoting(self, r: RolloutRecord) -> None:
-        others = [v for v in self._manifest(r.model).versions
+        others = [v.name for v in self._manifest(r.model).versions
                   if v.name != r.version and v.state == "serving"]
-        await self._retire(r, keep=r.version, retire=[v.name for v in others],
-                           traffic={r.version: 100}, done="promoted")
+        await self._retire(r, keep=r.version, retire=others, traffic={r.version: 100},
+                           done="promoted")
 
     async def _rolling_back(self, r: RolloutRecord) -> None:
         await self._retire(r, keep=None, retire=[r.version], traffic=None, done="rolled_back")
@@ -358,7 +411,8 @@ class RolloutController:
                 **r.detail, "phase": "draining", "phase_since": now, "retiring": retire})
             return
         if phase == "draining":
-            busy = await self._still_running(r.model, retire)
+            # The versions named when the drain began (the manifest says "retired" by now).
+            busy = await self._still_running(r.model, list(r.detail.get("retiring") or retire))
             limit = max((v.engine.shutdown_timeout_s for v in self._manifest(r.model).versions),
                         default=60) + 120
             if busy and now - since < limit:
@@ -380,8 +434,8 @@ class RolloutController:
         socket = self.paths.supervisor_socket
         if socket is not None and socket.exists():
             try:
-                answer = await control.request(socket, {"op": "status"})
-            except (OSError, ValueError):
+                answer = await asyncio.wait_for(control.request(socket, {"op": "status"}), 5.0)
+            except (OSError, ValueError, TimeoutError):
                 answer = {}
             replicas = answer.get("replicas")
             if isinstance(replicas, list):
@@ -394,10 +448,8 @@ class RolloutController:
     # -- helpers ----------------------------------------------------------------------------
 
     def _manifest(self, model: str) -> Manifest:
-        for manifest in load_manifests(self.paths.models_dir):
-            if manifest.name == model:
-                return manifest
-        raise ManifestError(f"no manifest for model '{model}'")
+        """The model's own manifest (another model's file being edited is not its concern)."""
+        return load_manifest(self.paths.models_dir / f"{model}.yaml")
 
     def _group(self, model: str, version: str | None) -> VersionGroup | None:
         route = self.pool.route(model)
@@ -408,15 +460,18 @@ class RolloutController:
         return {r.version: 100, **{v: 0 for v in r.stable if v != r.version}}
 
     def _job(self, r: RolloutRecord, start: Callable[[], Awaitable[Any]]) -> asyncio.Task[Any]:
-        job = self._jobs.get(r.id)
+        """The long job of the rollout's current state, started once."""
+        job = self._jobs.get((r.id, r.state))
         if job is None:
-            job = self._jobs[r.id] = asyncio.ensure_future(start())
+            job = self._jobs[(r.id, r.state)] = asyncio.ensure_future(start())
         return job
 
+    def _done(self, r: RolloutRecord) -> None:
+        self._jobs.pop((r.id, r.state), None)
+
     def _cancel_job(self, r: RolloutRecord) -> None:
-        job = self._jobs.pop(r.id, None)
-        if job is not None:
-            job.cancel()
+        for key in [k for k in self._jobs if k[0] == r.id]:
+            self._jobs.pop(key).cancel()
 
     async def _move(self, r: RolloutRecord, state: str, reason: str, *,
                     actor: str = CONTROLLER, **values: Any) -> RolloutRecord:
@@ -431,11 +486,19 @@ class RolloutController:
                                            "version": r.version, "step": updated.step,
                                            "weights": updated.weights, "reason": reason,
                                            "actor": actor})
-        if self.trail is not None:
-            with contextlib.suppress(OSError):
-                await self.trail.record({
-                    "ts": iso_timestamp(time.time()), "kind": "rollout", "rollout_id": r.id,
-                    "model": r.model, "version": r.version, "from_state": r.state,
-                    "to_state": state, "step": updated.step, "weights": updated.weights,
-                    "actor": actor, "reason": reason})
+        await self._audit(r, updated, actor, reason)
         return updated
+
+    async def _audit(self, before: RolloutRecord, after: RolloutRecord, actor: str,
+                     reason: str) -> None:
+        if self.trail is None:
+            return
+        record = {"ts": iso_timestamp(time.time()), "kind": "rollout", "rollout_id": before.id,
+                  "model": before.model, "version": before.version,
+                  "from_state": before.state, "to_state": after.state, "step": after.step,
+                  "paused": after.paused, "weights": after.weights, "actor": actor,
+                  "reason": reason}
+        if before.state == "pending":
+            record["created_by"] = before.created_by
+        with contextlib.suppress(OSError):
+            await self.trail.record(record)

@@ -19,6 +19,7 @@ from serving.storage.rollouts import RolloutRecord, RolloutRepository
 from serving.upstream.pool import EnginePool
 
 log = logging.getLogger("enclave.rollouts")
+HOLD_S = 60.0  # a finished rollout's weights, at most this long after it ended
 
 
 class RolloutFollower:
@@ -30,6 +31,9 @@ class RolloutFollower:
         self.metrics = metrics
         self.gateway_id = gateway_id
         self._shown: set[tuple[str, str]] = set()
+        # model -> (when, weights, canary, stable) of its rollout as last seen under way
+        self._ended: dict[str, tuple[float, dict[str, int], str | None,
+                                     dict[str, int] | None]] = {}
 
     async def run(self, interval_s: float = 1.0) -> None:
         while True:
@@ -43,18 +47,41 @@ class RolloutFollower:
         records = await self.repo.active()
         self.apply(records)
         now = time.time()
-        for rollout_id, rows in self.recorder.pending().items():
-            await self.repo.put_windows(rollout_id, self.gateway_id, rows, now)
+        pending = self.recorder.pending()
+        try:
+            while pending:
+                rollout_id, rows = next(iter(pending.items()))
+                await self.repo.put_windows(rollout_id, self.gateway_id, rows, now)
+                del pending[rollout_id]
+        finally:
+            for rollout_id, rows in pending.items():  # not written: kept for the next round
+                self.recorder.requeue(rollout_id, rows)
 
     def apply(self, records: list[RolloutRecord]) -> None:
         self.recorder.follow(records)
         by_model = {r.model: r for r in records}
         shown: set[tuple[str, str]] = set()
+        now = time.monotonic()
         for name, route in self.pool.routes.items():
             record = by_model.get(name)
-            route.weights = dict(record.weights) if record is not None and record.weights else None
-            route.canary = record.version if route.weights is not None and record else None
-            route.stable = dict(record.stable) if route.weights is not None and record else None
+            if record is not None and record.weights:
+                route.weights, route.canary, route.stable = (
+                    dict(record.weights), record.version, dict(record.stable))
+                self._ended[name] = (now, route.weights, route.canary, route.stable)
+            elif name in self._ended:
+                # The rollout ended: its last weights hold until this gateway's manifests say
+                # the same (it may not have re-read them yet), at most HOLD_S.
+                since, weights, canary, stable = self._ended[name]
+                manifest = {v.deployment.version.name: v.deployment.weight
+                            for v in route.versions if v.deployment.weight > 0}
+                if manifest == {v: w for v, w in weights.items() if w > 0} or (
+                        now - since > HOLD_S):
+                    route.weights = route.canary = route.stable = None
+                    del self._ended[name]
+                else:
+                    route.weights, route.canary, route.stable = weights, canary, stable
+            else:
+                route.weights = route.canary = route.stable = None
             for group in route.versions:
                 version = group.deployment.version.name
                 self.metrics.version_weight.labels(name, version).set(route.weight_of(group))

@@ -101,3 +101,10 @@ class RolloutRecorder:
                 WindowRow(step, window, version, "", dict(self._cells[key])))
         self._dirty.clear()
         return out
+
+    def requeue(self, rollout_id: str, rows: list[WindowRow]) -> None:
+        """Rows that could not be written: sent again with the next ``pending``."""
+        for row in rows:
+            key = (rollout_id, row.step, row.window, row.version)
+            if key in self._cells:
+                self._dirty.add(key)

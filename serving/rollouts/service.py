@@ -21,6 +21,7 @@ from serving.domain.rollout import check_steps
 from serving.evals.sets import EvalSetError, load_set
 from serving.storage.manifests import load_manifests
 from serving.storage.rollouts import (
+    CommandWaiting,
     RolloutEvent,
     RolloutExists,
     RolloutRecord,
@@ -87,11 +88,17 @@ class RolloutService:
             raise RolloutRefused(f"model '{model}' has no version '{version}'; import it "
                                  f"first (enclave models import {model} --from DIR "
                                  f"--version {version})", "version")
+        if manifest.traffic.get(version, 0) > 0:
+            raise RolloutRefused(f"'{version}' takes {manifest.traffic[version]}% of {model}'s "
+                                 "traffic already (the manifest's split): a rollout starts "
+                                 "from weight 0", "version")
         stable = {d.version.name: d.weight for d in manifest.deployments()
                   if d.weight > 0 and d.version.name != version}
         if not stable:
-            raise RolloutRefused(f"'{version}' already takes all of {model}'s traffic",
-                                 "version")
+            raise RolloutRefused(f"{model} has no other version serving traffic", "version")
+        if not target.sha256:
+            raise RolloutRefused(f"{model}@{version} pins no sha256: import it with `enclave "
+                                 "models import` (nothing unpinned is rolled out)", "version")
         policy = manifest.rollout.model_copy(deep=True)
         try:
             if o.steps is not None:
@@ -121,7 +128,12 @@ class RolloutService:
     async def command(self, model: str, command: str, actor: str) -> RolloutRecord:
         if command not in COMMANDS:
             raise RolloutRefused(f"unknown command '{command}'", "command")
-        record = await self.repo.command(model, command, actor)
+        try:
+            record = await self.repo.command(model, command, actor)
+        except CommandWaiting:
+            raise RolloutRefused(f"an abort of {model}'s rollout is waiting to be applied; "
+                                 f"'{command}' cannot replace it", "command",
+                                 "conflict") from None
         if record is None:
             raise RolloutRefused(f"model '{model}' has no rollout under way", "model",
                                  "missing")

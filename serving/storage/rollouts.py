@@ -25,6 +25,14 @@ class RolloutExists(Exception):
     """The model already has a rollout under way."""
 
 
+class Stale(Exception):
+    """The rollout changed since it was read (another controller acted): read it again."""
+
+
+class CommandWaiting(Exception):
+    """An abort waits on the rollout: no other command replaces it."""
+
+
 @dataclass(frozen=True, slots=True)
 class RolloutRecord:
     id: str
@@ -152,20 +160,25 @@ class RolloutRepository:
     async def command(self, model: str, command: str, actor: str) -> RolloutRecord | None:
         """Leave ``command`` for the controller on the model's rollout under way; None when
         there is none."""
+        waiting_ok = or_(R.command.is_(None), R.command != "abort")
         async with self._engine.begin() as conn:
             result = await conn.execute(
-                update(rollouts).where(R.active_model == model)
+                update(rollouts).where(and_(R.active_model == model, waiting_ok)
+                                       if command != "abort" else R.active_model == model)
                 .values(command=command, command_by=actor))
-            if result.rowcount == 0:
-                return None
             row = (await conn.execute(select(rollouts).where(R.active_model == model))).first()
-        return _record(row) if row is not None else None
+        if row is None:
+            return None
+        if result.rowcount == 0:
+            raise CommandWaiting(model)
+        return _record(row)
 
     async def transition(self, current: RolloutRecord, actor: str, *, state: str | None = None,
                          reason: str | None = None, now: float, done_command: str | None = None,
                          **values: Any) -> RolloutRecord:
         """Move the rollout (the controller only): new state and fields, one event row, and
-        the command it acted on cleared (only if it is still the one it read)."""
+        the command it acted on cleared (only if it is still the one it read). Raises
+        ``Stale`` when the row changed since ``current`` was read."""
         changes: dict[str, Any] = {"updated_at": now}
         for name, value in values.items():
             changes[name] = json.dumps(value) if name in ("weights", "detail", "plan") and (
@@ -179,7 +192,12 @@ class RolloutRepository:
         if reason is not None:
             changes["reason"] = reason
         async with self._engine.begin() as conn:
-            await conn.execute(update(rollouts).where(R.id == current.id).values(**changes))
+            # Only over the row as it was read: a controller that lost its lease while it
+            # worked cannot write over the one that acts now.
+            done = await conn.execute(update(rollouts).where(and_(
+                R.id == current.id, R.updated_at == current.updated_at)).values(**changes))
+            if done.rowcount == 0:
+                raise Stale(current.id)
             if done_command is not None:
                 await conn.execute(update(rollouts).where(
                     and_(R.id == current.id, R.command == done_command))

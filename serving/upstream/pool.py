@@ -156,6 +156,12 @@ class ModelRoute:
                     found = balancer.exclude(v.replicas, tried, now)
                     if found:
                         groups.append((weight, found, v))
+            if not groups and self.weights is not None:
+                # A rollout's weights leave no version available (its canary at 100 % is
+                # down): a version it took the traffic from serves until it is retired.
+                groups = [(1, found, v) for v in self.versions
+                          if v.deployment.version.name in self.weights
+                          and (found := balancer.exclude(v.replicas, tried, now))]
             if not groups:
                 return None, None
             sticky = self.sticky(bucket) if bucket is not None else None

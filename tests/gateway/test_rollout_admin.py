@@ -198,7 +198,7 @@ async def test_a_rollout_that_cannot_run_is_refused_before_anything_is_written(
     assert "import it first (enclave models import demo-chat --from DIR --version v9)" in str(
         missing)
     serving = await refused(service, MODEL, "v1")
-    assert serving.param == "version" and "already takes all of demo-chat's traffic" in str(
+    assert serving.param == "version" and "takes 100% of demo-chat's traffic already" in str(
         serving)
     for steps, words in (([5, 50], "must end at 100"), ([50, 25, 100], "rising"),
                          ([0, 100], "rising"), ([], "must end at 100")):

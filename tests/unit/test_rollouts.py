@@ -25,6 +25,7 @@ from serving.domain.outcome import Outcome
 from serving.domain.rollout import Analysis, RolloutPolicy
 from serving.metrics import GatewayMetrics
 from serving.rollouts import analysis
+from serving.rollouts import follower as follower_module
 from serving.rollouts.controller import RolloutController
 from serving.rollouts.follower import RolloutFollower
 from serving.rollouts.recorder import RolloutRecorder
@@ -577,10 +578,39 @@ def test_the_follower_routes_by_the_rollouts_weights_and_shows_them(tmp_path: Pa
         "v2", "v2", "v1", "v1"]
     assert (weight(metrics, "v1"), weight(metrics, "v2"), step_share(metrics)) == (50, 50, 50)
 
+    # Rolled back: the last weights were the stable ones, which the manifest says too.
+    follow.apply([record(state="rolling_back", step=2, weights={"v1": 100, "v2": 0})])
     follow.apply([])  # the rollout ended: the manifest's split again
     assert (route.weights, route.canary, route.stable) == (None, None, None)
     assert version_for(route, conversation(0)) == "v1"
     assert (weight(metrics, "v1"), weight(metrics, "v2"), step_share(metrics)) == (100, 0, 0)
+
+
+def test_a_finished_rollouts_weights_hold_until_the_manifest_says_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Promoted: until this gateway has re-read the manifest (v2: 100), the rollout's last
+    weights route, not the manifest's old split (v1: 100, whose engine is being stopped);
+    a manifest that never agrees gives way after HOLD_S."""
+    follow, pool, metrics = follower(tmp_path)
+    route = pool.routes[MODEL]
+    follow.apply([record(state="promoting", step=3, weights={"v2": 100, "v1": 0})])
+    follow.apply([])
+    assert route.weights == {"v2": 100, "v1": 0}
+    assert version_for(route, conversation(0, 9999)) == "v2"
+    two_versions(tmp_path, {"v1": 0, "v2": 100})  # the manifest changed on disk ...
+    pool.update(load_manifests(tmp_path))  # ... and re-read
+    for replica in pool.engines:
+        replica.healthy = True
+    follow.apply([])
+    assert route.weights is None and version_for(route, conversation(0, 9999)) == "v2"
+    # A manifest that never agrees: the hold ends.
+    follow.apply([record(state="promoting", step=3, weights={"v2": 0, "v1": 100})])
+    follow.apply([])
+    assert route.weights == {"v2": 0, "v1": 100}
+    clock = time.monotonic() + follower_module.HOLD_S + 1
+    monkeypatch.setattr(follower_module.time, "monotonic", lambda: clock)
+    follow.apply([])
+    assert route.weights is None
 
 
 def test_before_its_first_step_a_rollout_routes_by_the_manifest(tmp_path: Path) -> None:
@@ -654,20 +684,23 @@ def controller(repo: RowsOnly) -> RolloutController:
                              GatewayMetrics(), cast(Any, None), "test")
 
 
-def test_resuming_a_canary_step_skips_the_window_the_pause_cut_short() -> None:
+def test_resuming_a_canary_step_skips_the_window_the_pause_cut_short(tmp_path: Path) -> None:
     # Paused in window 3 of step 1: windows 0..2 judged (one passed), window 3 cut short.
     paused = dataclasses.replace(record(started=T0, paused=True), command="resume",
-                                 command_by="admin:ops", detail={"judged": 2, "passed": 1})
+                                 command_by="admin:ops",
+                                 detail={"judged": 2, "passed": 1,
+                                         "paused_at": T0 + 3.5 * WINDOW_S})
     failing = stats(100, errors=50)  # counted in window 3 before the pause: never judged
     repo = RowsOnly([WindowRow(1, 3, "v2", "gw", failing), WindowRow(1, 3, "v1", "gw", fast()),
                      WindowRow(1, 4, "v2", "gw", fast()), WindowRow(1, 4, "v1", "gw", fast())])
     control = controller(repo)
+    control.pool = two_versions(tmp_path, {"v1": 100, "v2": 0})  # the canary's replica: up
     before = time.time()
     resumed = asyncio.run(control._command(paused))
     after = time.time()
     assert not resumed.paused and resumed.command is None
     assert resumed.reason == "resumed by admin:ops"
-    assert resumed.detail == {"judged": 3, "passed": 1}
+    assert resumed.detail == {"judged": 3, "passed": 1, "paused_at": T0 + 3.5 * WINDOW_S}
     # The next window, 4, starts now: the step goes on (judged + 2) windows in.
     assert resumed.step_started is not None
     assert before - 4 * WINDOW_S <= resumed.step_started <= after - 4 * WINDOW_S
@@ -677,8 +710,10 @@ def test_resuming_a_canary_step_skips_the_window_the_pause_cut_short() -> None:
     asyncio.run(control._canary(resumed))
     assert repo.windows_asked == 0 and len(repo.moves) == 1
 
-    # A window later: window 4 alone is judged (it passes); window 3's failures never count.
-    later = dataclasses.replace(resumed, step_started=resumed.step_started - WINDOW_S)
+    # A window later (and the gateways' flush grace): window 4 alone is judged (it passes);
+    # window 3's failures never count.
+    later = dataclasses.replace(resumed, step_started=resumed.step_started - WINDOW_S
+                                - control.flush_grace_s - 0.01)
     asyncio.run(control._canary(later))
     judged = [m for m in repo.moves[1:] if m["state"] is None]
     assert [m["detail"]["judged"] for m in judged] == [4]
