@@ -591,7 +591,7 @@ def test_a_finished_rollouts_weights_hold_until_the_manifest_says_the_same(
     """Promoted: until this gateway has re-read the manifest (v2: 100), the rollout's last
     weights route, not the manifest's old split (v1: 100, whose engine is being stopped);
     a manifest that never agrees gives way after HOLD_S."""
-    follow, pool, metrics = follower(tmp_path)
+    follow, pool, _ = follower(tmp_path)
     route = pool.routes[MODEL]
     follow.apply([record(state="promoting", step=3, weights={"v2": 100, "v1": 0})])
     follow.apply([])
