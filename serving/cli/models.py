@@ -138,6 +138,11 @@ def import_cmd(name: str, src: Path, version: str, revision: str | None) -> None
                             sums)
     except (StoreError, ManifestError) as exc:
         fail(str(exc))
+    if entry["engine"].get("devices"):
+        console.print(f"[yellow]note:[/] {version}'s engine was copied with the serving "
+                      f"version's devices {entry['engine']['devices']}: if those GPUs cannot "
+                      f"hold both versions, give {version} devices of its own in "
+                      f"{settings.models_dir / (name + '.yaml')} before the rollout")
     stdout.print(f"imported {name}@{version}: {len(sums)} files, engine port "
                  f"{entry['engine']['port']}, staged (traffic 0, no engine until a rollout starts "
                  f"it: enclave rollout start {name} {version})", markup=False)
