@@ -97,8 +97,9 @@ def list_() -> None:
     for m in manifests:
         for dep in m.all_deployments():
             src = dep.version.source
+            where = f"{src.package}/{src.path}" if src.package else src.path
             table.add_row(m.name, m.task, dep.version.name, dep.version.state, f"{dep.weight}%",
-                          str(dep.port), f"{src.kind}:{src.package or ''}{src.path}")
+                          str(dep.port), f"{src.kind}:{where}")
     stdout.print(table)
 
 

@@ -46,6 +46,16 @@ def _weights(weights: dict[str, int] | None) -> str:
     return ", ".join(f"{v} {w}%" for v, w in weights.items()) if weights else "(manifest's)"
 
 
+def _side(side: dict[str, object]) -> str:
+    def ms(value: object) -> str:
+        return f"{float(value) * 1000:.0f} ms" if isinstance(value, int | float) else "-"
+
+    rate = side.get("error_rate")
+    errors = f"{float(rate):.1%}" if isinstance(rate, int | float) else "-"
+    return (f"{side.get('requests', 0)} requests, errors {errors}, TTFT p95 "
+            f"{ms(side.get('ttft_p95_s'))}, TPOT p95 {ms(side.get('tpot_p95_s'))}")
+
+
 def _print(record: RolloutRecord, events: list[RolloutEvent]) -> None:
     step = (f"{record.step + 1}/{len(record.steps)} ({record.step_weight}%)"
             if record.step >= 0 else f"- of {record.steps}")
@@ -58,10 +68,9 @@ def _print(record: RolloutRecord, events: list[RolloutEvent]) -> None:
     if window:
         canary, stable = window.get("canary") or {}, window.get("stable") or {}
         stdout.print(f"  last window (step {window['step'] + 1}, #{window['window'] + 1}): "
-                     f"{window['result']}; canary {canary.get('requests')} req, errors "
-                     f"{canary.get('error_rate')}, ttft p95 {canary.get('ttft_p95_s')} s; "
-                     f"stable {stable.get('requests')} req, errors {stable.get('error_rate')}, "
-                     f"ttft p95 {stable.get('ttft_p95_s')} s", markup=False)
+                     f"{window['result']}; canary {_side(canary)}; stable {_side(stable)}"
+                     + "".join(f"\n    {reason}" for reason in window.get("reasons", [])),
+                     markup=False)
     evaluation = record.detail.get("eval")
     if evaluation:
         stable_eval = evaluation.get("stable") or {}
