@@ -15,10 +15,10 @@ that need to map processes to replicas (the GPU exporter, tests), and serves a c
 starts draining or exits; operators drain a replica (no new requests, stopped once the engine
 has nothing left to do) and start it again.
 
-The set of deployments can change while it runs (``update``, from the manifests): a new
-replica starts (its weights verified first) without touching the others; one no longer wanted
-is drained like ``drain`` and then leaves for good; a change to a running replica's command
-line or environment waits for a restart (it is logged, never applied by restarting it).
+Each replica is an ``EngineProcess`` (``process``: its command line, environment and weights
+check). The set of deployments can change while it runs (``update``, from the manifests):
+``reconcile.LiveReplicas``, which a ``Supervisor`` is, starts what is new and drains what is
+no longer wanted, never restarting a replica that stays.
 """
 
 from __future__ import annotations
@@ -26,22 +26,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import json
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from serving.domain.manifest import FORBIDDEN_ENGINE_ENV, Deployment
+from serving.domain.manifest import Deployment
 from serving.engines import vllm_metrics
 from serving.engines.environment import EngineEnvironment
+from serving.engines.process import EngineProcess
+from serving.engines.process import WeightsError as WeightsError  # re-exported
+from serving.engines.process import verify_weights as verify_weights  # re-exported
+from serving.engines.reconcile import LiveReplicas
 
 log = logging.getLogger("enclave.supervisor")
 
@@ -51,38 +52,6 @@ STABLE_AFTER_S = 60.0  # an engine healthy this long has its backoff reset
 STOP_GRACE_S = 15.0  # past the engine's own --shutdown-timeout
 _BUSY = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 DRAIN_SETTLE_S = 1.0  # gateways have stopped picking a draining replica by then
-# Environment for every engine: offline, and no usage statistics sent anywhere.
-ENGINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_CONFIGURE_LOGGING": "1",
-    "PYTHONUNBUFFERED": "1",
-}
-# On CPU hosts: vLLM's default pins every engine's compute thread to the same core and reserves
-# the other for "everything else"; with two engines on a small host that starves the API
-# servers, and streams arrive in one burst at the end. One unpinned thread per engine streams
-# token by token (measured on 2 cores: first of 600 tokens at ~0.1 s instead of 1-3.5 s).
-CPU_ENGINE_ENV = {
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "OMP_NUM_THREADS": "1",
-}
-
-
-# Never passed to an engine: the gateway's secrets and settings, and the gateway's virtualenv.
-_WITHHELD_PREFIXES = ("ENCLAVE_", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
-
-
-def engine_environment(extra: dict[str, str], gpu: bool = False) -> dict[str, str]:
-    # Nor what would open an engine's development endpoints, whoever's shell set it.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_WITHHELD_PREFIXES) and k not in FORBIDDEN_ENGINE_ENV}
-    return {**env, **ENGINE_ENV, **({} if gpu else CPU_ENGINE_ENV), **extra}
-
-
-class WeightsError(RuntimeError):
-    """Weights missing or not matching their pinned checksum."""
 
 
 def describe_exit(returncode: int) -> str:
@@ -94,22 +63,6 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def verify_weights(directory: Path, sha256: dict[str, str]) -> None:
-    if not directory.is_dir():
-        raise WeightsError(f"model directory {directory} does not exist")
-    for name, expected in sorted(sha256.items()):
-        path = directory / name
-        if not path.is_file():
-            raise WeightsError(f"{path} is missing")
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            raise WeightsError(f"{path}: sha256 {digest.hexdigest()} does not match the "
-                               f"manifest's {expected}")
-
-
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     # If the supervisor is killed outright, its engines must not linger holding ports and RAM.
     with contextlib.suppress(OSError, AttributeError):
@@ -118,66 +71,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     os.setsid()
 
 
-@dataclass(eq=False)
-class EngineProcess:
-    """One local replica of a deployment."""
-
-    deployment: Deployment
-    index: int
-    port: int
-    devices: str | None
-    model_dir: Path
-    host: str
-    log_path: Path
-    # starting | healthy | draining | backoff | held (drained, stopped until started) | stopped
-    state: str = "stopped"
-    pid: int | None = None
-    restarts: int = 0
-    last_exit: str | None = None
-    proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
-    held: bool = False
-    terminating: bool = False  # SIGTERM sent: the engine is finishing its requests
-    resume: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.deployment.replica_name(self.index)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def command(self, python: Path) -> list[str]:
-        engine = self.deployment.version.engine
-        return [
-            str(python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir),
-            "--served-model-name", self.deployment.model,
-            "--host", self.host, "--port", str(self.port),
-            "--max-model-len", str(engine.max_model_len),
-            "--shutdown-timeout", str(engine.shutdown_timeout_s),
-            *engine.args,
-        ]
-
-    def environment(self, gpu: bool) -> dict[str, str]:
-        extra = dict(self.deployment.version.engine.env)
-        if self.devices is not None:
-            extra["CUDA_VISIBLE_DEVICES"] = self.devices
-        return engine_environment(extra, gpu=gpu)
-
-    def status(self) -> dict[str, object]:
-        return {"replica": self.name, "deployment": self.deployment.name,
-                "model": self.deployment.model, "version": self.deployment.version.name,
-                "pid": self.pid, "port": self.port, "url": self.url, "devices": self.devices,
-                "state": self.state, "restarts": self.restarts, "last_exit": self.last_exit}
-
-
 def state_file(run_dir: Path) -> Path:
     """Where the supervisor publishes its engines' state (the exporter and the CLI read it)."""
     return run_dir / "engines.json"
 
 
-class Supervisor:
+class Supervisor(LiveReplicas):
+    """Every local replica, kept alive; drained and stopped on request; the set follows the
+    manifests (``update``: ``reconcile.LiveReplicas``)."""
+
     def __init__(self, deployments: list[Deployment], env: EngineEnvironment,
                  resolve_dir: Callable[[Deployment], Path], run_dir: Path,
                  host: str = "127.0.0.1") -> None:
@@ -195,10 +97,7 @@ class Supervisor:
         self._started = False
         self._tasks: dict[EngineProcess, asyncio.Task[None]] = {}  # each one's keep-alive
         self._listeners: set[Callable[[dict[str, object]], None]] = set()
-        self._updating = asyncio.Lock()
-        self._wanted: list[Deployment] | None = None  # the set ``update`` was last given
-        self._retiring: dict[EngineProcess, asyncio.Task[None]] = {}
-        self._pending: dict[str, Deployment] = {}  # changes waiting for a restart (warned)
+        super().__init__()
 
     def _engine(self, dep: Deployment, index: int, port: int, devices: str | None,
                 model_dir: Path) -> EngineProcess:
@@ -299,126 +198,6 @@ class Supervisor:
             self._set(engine, "starting")
             log.info("replica started again", extra={"engine": name})
         return engine.status()
-
-    # -- the deployments, changed while running ---------------------------------------------
-
-    async def update(self, deployments: list[Deployment]) -> None:
-        """Run what ``deployments`` want, never restarting or pausing a replica that stays.
-
-        A wanted replica that is not running starts (its version's weights verified first: a
-        version that fails is not started, and the error names the file). One no longer wanted
-        (its version retired, staged or gone, or fewer replicas) is drained like ``drain``, in
-        a task of its own, then leaves. A running replica whose command line or environment
-        would change keeps running as it is ("restart to apply"); any other change (traffic
-        weights, metadata) is taken in place."""
-        async with self._updating:
-            if self._stopping.is_set():
-                return
-            self._wanted = deployments
-            wanted = {dep.replica_name(index): (dep, index, port, devices)
-                      for dep in deployments
-                      for index, port, devices in dep.version.engine.local_replicas()}
-            for engine in list(self.engines):
-                if engine.name not in wanted and engine not in self._retiring:
-                    self._retire(engine)
-            new: dict[str, list[tuple[Deployment, int, int, str | None]]] = {}
-            for name, (dep, index, port, devices) in wanted.items():
-                running = self.replica(name)
-                if running is None:
-                    new.setdefault(dep.name, []).append((dep, index, port, devices))
-                elif running not in self._retiring:  # else started again once stopped
-                    self._reconcile(running, dep, port, devices)
-            for replicas in new.values():
-                await self._add(replicas)
-
-    def _reconcile(self, engine: EngineProcess, dep: Deployment, port: int,
-                   devices: str | None) -> None:
-        if dep == engine.deployment and port == engine.port and devices == engine.devices:
-            self._pending.pop(engine.name, None)
-            return
-        old, now = engine.deployment.version, dep.version
-        changes = [what for what, a, b in (
-            ("port", engine.port, port), ("devices", engine.devices, devices),
-            ("source", old.source, now.source), ("sha256", old.sha256, now.sha256),
-            *((f"engine.{f}", getattr(old.engine, f), getattr(now.engine, f))
-              for f in ("args", "env", "max_model_len", "shutdown_timeout_s"))) if a != b]
-        if not changes:
-            engine.deployment = dep
-            self._pending.pop(engine.name, None)
-            return
-        if self._pending.get(engine.name) != dep:
-            self._pending[engine.name] = dep
-            log.warning("replica changed in its manifest; restart to apply", extra={
-                "engine": engine.name, "changed": changes})
-
-    async def _add(self, replicas: list[tuple[Deployment, int, int, str | None]]) -> None:
-        """New replicas of one deployment, started once its weights check out."""
-        dep = replicas[0][0]
-        same = next((e for e in self.engines if e.deployment.name == dep.name
-                     and e.deployment.version.source == dep.version.source
-                     and e.deployment.version.sha256 == dep.version.sha256), None)
-        if same is not None:  # verified when it started
-            model_dir = same.model_dir
-        else:
-            try:
-                model_dir = await asyncio.to_thread(self._resolve_dir, dep)
-                await asyncio.to_thread(verify_weights, model_dir, dep.version.sha256)
-            except (WeightsError, OSError, subprocess.SubprocessError) as exc:
-                log.error("weights check failed; the version is not started", extra={
-                    "deployment": dep.name, "error": str(exc)})
-                return
-        if self._stopping.is_set():
-            return
-        for _, index, port, devices in replicas:
-            engine = self._engine(dep, index, port, devices, model_dir)
-            self.engines.append(engine)
-            if self._started:
-                self._tasks[engine] = self._spawn(engine)
-            log.info("replica added", extra={"engine": engine.name, "port": port,
-                                             "devices": devices})
-        self._write_state()
-
-    def _retire(self, engine: EngineProcess) -> None:
-        """A replica no longer wanted, drained like ``drain``: gateways hear ``draining`` now;
-        the engine finishes its requests (up to its version's shutdown timeout) in a task of
-        its own, then is gone."""
-        deadline_s = float(engine.deployment.version.engine.shutdown_timeout_s)
-        serving = engine.state == "healthy"  # else it has no request to finish
-        engine.held = True  # its keep-alive starts nothing new
-        engine.resume.clear()
-        self._set(engine, "draining")
-        log.info("replica no longer wanted; draining", extra={
-            "engine": engine.name, "deadline_s": deadline_s})
-        self._retiring[engine] = asyncio.create_task(
-            self._retired(engine, serving, time.monotonic() + deadline_s),
-            name=f"retire-{engine.name}")
-
-    async def _retired(self, engine: EngineProcess, serving: bool, deadline: float) -> None:
-        """Once idle (or at ``deadline``): stopped, a last ``stopped`` event, and out of
-        ``engines`` and engines.json."""
-        started = time.monotonic()
-        try:
-            idle = await self._until_idle(engine, deadline) if serving else True
-            await self._terminate(engine)
-            task = self._tasks.pop(engine, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            self._set(engine, "stopped")  # the last word, whatever its keep-alive said
-            self.engines.remove(engine)
-            self._pending.pop(engine.name, None)
-            self._write_state()
-            log.info("replica removed", extra={
-                "engine": engine.name, "idle_at_stop": idle,
-                "waited_s": round(time.monotonic() - started, 3)})
-        finally:
-            self._retiring.pop(engine, None)
-        wanted = self._wanted or []
-        if not self._stopping.is_set() and any(
-                engine.name == d.replica_name(i) for d in wanted
-                for i, _, _ in d.version.engine.local_replicas()):
-            await self.update(wanted)  # wanted again while it was stopping: a fresh one
 
     async def _until_idle(self, engine: EngineProcess, deadline: float) -> bool:
         """Until the engine has no request running or waiting, by its own metrics, twice in
