@@ -24,7 +24,8 @@ from serving.audit.trail import AuditTrail
 from serving.auth.tokens import ExternalIdP, check_jwks_url
 from serving.container import SessionFactory, default_session, open_services
 from serving.metrics import GatewayMetrics
-from serving.routes import admin, errors, inference, oauth, ops
+from serving.rollouts.recorder import RolloutRecorder
+from serving.routes import admin, errors, inference, oauth, ops, rollouts
 from serving.routes.entry import Entry
 from serving.routes.middleware import RequestMiddleware
 from serving.settings import Settings, is_allowed_engine_host
@@ -66,11 +67,12 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
                               settings.engine_key_file)
     policies = PolicyStore(settings.policies_file, set(pool.routes))  # raises PolicyError
     trail = AuditTrail(settings, metrics)
+    recorder = RolloutRecorder()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_services(settings, pepper, metrics, pool, policies, trail, external,
-                                 transport=transport,
+                                 recorder, transport=transport,
                                  session_factory=session_factory) as services:
             app.state.services = services
             # Everything built so far lives as long as the process: out of the collector's
@@ -86,11 +88,12 @@ def create_app(settings: Settings, *, engine_host: str | None = None,
     app.include_router(inference.router)
     app.include_router(oauth.router)
     app.include_router(admin.router)
+    app.include_router(rollouts.router)
     app.include_router(ops.router)
     # Added innermost first: the middleware observes everything the entry answers.
     app.add_middleware(Entry, routes=inference.ROUTES,
                        max_in_flight=settings.max_concurrent_requests,
                        ops_port=settings.ops_port)
     app.add_middleware(RequestMiddleware, metrics=metrics, access_log=settings.access_log,
-                       audit=trail)
+                       audit=trail, observers=[recorder.observe])
     return app

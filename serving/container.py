@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -29,9 +31,14 @@ from serving.audit.trail import AuditTrail
 from serving.auth.clients import ClientService
 from serving.auth.keys import KeyService
 from serving.auth.tokens import ExternalIdP, TokenIssuer, TokenVerifier
+from serving.domain.manifest import Manifest
 from serving.metrics import GatewayMetrics
 from serving.pipeline.offload import Offload
 from serving.protection.protector import Protector
+from serving.rollouts.controller import Paths, RolloutController
+from serving.rollouts.follower import RolloutFollower
+from serving.rollouts.recorder import RolloutRecorder
+from serving.rollouts.service import RolloutService
 from serving.settings import Settings
 from serving.storage import migrate
 from serving.storage.clients import ClientRepository
@@ -39,6 +46,8 @@ from serving.storage.db import create_engine
 from serving.storage.idempotency import IdempotencyRepository
 from serving.storage.keys import KeyRepository
 from serving.storage.ledger import LedgerRepository
+from serving.storage.manifest_watch import ManifestWatcher
+from serving.storage.rollouts import RolloutRepository
 from serving.storage.signing import SigningKeyRepository
 from serving.tracing import Tracing
 from serving.upstream.client import Upstream, new_session
@@ -58,6 +67,7 @@ class StateServices:
     policies: PolicyStore
     ledger: LedgerRepository
     issuer: TokenIssuer
+    rollouts: RolloutService
 
 
 def state_services(settings: Settings, db: AsyncEngine, pepper: bytes, policies: PolicyStore,
@@ -70,7 +80,8 @@ def state_services(settings: Settings, db: AsyncEngine, pepper: bytes, policies:
         clients=ClientService(ClientRepository(db), policies, cache_ttl_s),
         policies=policies, ledger=LedgerRepository(db),
         issuer=TokenIssuer(SigningKeyRepository(db), pepper, settings.oauth_issuer,
-                           settings.oauth_audience, settings.oauth_token_ttl_s))
+                           settings.oauth_audience, settings.oauth_token_ttl_s),
+        rollouts=RolloutService(RolloutRepository(db), settings.models_dir, settings.evals_dir))
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,8 @@ class Services:
     upstream: Upstream
     tracing: Tracing
     idempotency: IdempotencyService
+    rollouts: RolloutService
+    manifests: ManifestWatcher
 
 
 def default_session(settings: Settings, tls: ssl.SSLContext | None = None
@@ -104,7 +117,7 @@ def default_session(settings: Settings, tls: ssl.SSLContext | None = None
 @contextlib.asynccontextmanager
 async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetrics,
                         pool: EnginePool, policies: PolicyStore, trail: AuditTrail,
-                        external: ExternalIdP | None, *,
+                        external: ExternalIdP | None, recorder: RolloutRecorder, *,
                         transport: httpx.AsyncBaseTransport | None = None,
                         session_factory: SessionFactory = default_session,
                         ) -> AsyncIterator[Services]:
@@ -137,6 +150,15 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
     idempotency = IdempotencyService(
         IdempotencyRepository(db), pepper, ttl_s=settings.idempotency_ttl_s,
         max_answer_bytes=settings.idempotency_max_answer_bytes)
+    rollout_repo = state.rollouts.repo
+    gateway_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
+    follower = RolloutFollower(rollout_repo, pool, recorder, metrics, gateway_id)
+    controller = RolloutController(
+        rollout_repo, pool, Paths(settings.models_dir, settings.evals_dir, settings.cache_dir,
+                                  settings.engine_env_dir, settings.resolved_supervisor_socket),
+        trail, metrics, engine_client, gateway_id,
+        reload_wait_s=2 * settings.manifest_reload_interval_s + 1.0,
+        flush_grace_s=settings.rollout_follow_interval_s + 1.0)
     offload = Offload(settings.inspect_workers, settings.inspect_inline_bytes)
     offload.share_the_interpreter()
     services = Services(
@@ -147,9 +169,12 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         offload=offload, audit=trail, tracing=tracing, idempotency=idempotency,
         upstream=Upstream(session, pool, metrics, retry_after_s=settings.retry_after_s,
                           max_attempts=settings.upstream_max_attempts,
-                          first_byte_timeout_s=settings.upstream_first_byte_timeout_s))
+                          first_byte_timeout_s=settings.upstream_first_byte_timeout_s,
+                          on_failed_attempt=recorder.attempt_failed),
+        rollouts=state.rollouts, manifests=_manifest_watcher(settings, pool, policies, metrics))
     metrics.prime({name: [r.name for r in route.replicas] for name, route in pool.routes.items()})
     await pool.check_all(engine_client)
+    await _first(follower.sync)  # a gateway restarted mid-rollout routes by its weights at once
     background = [
         asyncio.create_task(pool.watch(engine_client, settings.engine_health_interval_s)),
         asyncio.create_task(pool.keep_resolved()),
@@ -161,7 +186,11 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         asyncio.create_task(limiter.maintain()),
         asyncio.create_task(state.keys.keep_last_used(settings.last_used_flush_s)),
         asyncio.create_task(_refresh_signing_keys(state.issuer)),
+        asyncio.create_task(services.manifests.run()),
+        asyncio.create_task(follower.run(settings.rollout_follow_interval_s)),
     ]
+    if settings.rollout_controller:
+        background.append(asyncio.create_task(controller.run()))
     log.info("gateway ready", extra={
         "models": sorted(pool.routes), "version": __version__,
         "engines_up": sum(e.healthy for e in pool.engines), "engines": len(pool.engines),
@@ -186,6 +215,29 @@ async def open_services(settings: Settings, pepper: bytes, metrics: GatewayMetri
         offload.close()
         await tracing.aclose()
         await trail.close()  # the last records, a signed checkpoint, fsync
+
+
+def _manifest_watcher(settings: Settings, pool: EnginePool, policies: PolicyStore,
+                      metrics: GatewayMetrics) -> ManifestWatcher:
+    """The routes follow the manifests; a set the pool refuses (ValueError: a plain-HTTP or
+    public endpoint) is logged by the watcher and the running set stays."""
+
+    def apply(manifests: list[Manifest]) -> None:
+        pool.update(manifests)
+        # A new model may be named by the next policy file; one that left stays known, so
+        # the policies in force keep loading.
+        policies.known_models.update(pool.routes)
+        metrics.prime({name: [r.name for r in route.replicas]
+                       for name, route in pool.routes.items()})
+
+    return ManifestWatcher(settings.models_dir, apply, settings.manifest_reload_interval_s)
+
+
+async def _first(sync: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await sync()
+    except Exception:  # the follower's loop tries again
+        log.warning("could not read the rollouts under way", exc_info=True)
 
 
 async def _refresh_signing_keys(issuer: TokenIssuer, interval_s: float = 30.0) -> None:

@@ -150,6 +150,13 @@ class QuotaExceeded(RateLimited):
     code = "insufficient_quota"
 
 
+class Conflict(InvalidRequest):
+    """The request is valid but the state it would change is busy (a rollout under way)."""
+
+    status = 409
+    code = "conflict"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

@@ -109,6 +109,21 @@ class GatewayMetrics:
         self.replica_in_flight = Gauge(
             "enclave_replica_in_flight", "Requests this gateway has outstanding on the "
             "replica.", replica, registry=r, multiprocess_mode="livesum")
+        self.rollout_step = Gauge(
+            "enclave_rollout_step_percent", "The canary's share in the current step of the "
+            "model's rollout (0: no rollout in its canary steps).", ["model"],
+            registry=r, multiprocess_mode="livemax")
+        self.version_weight = Gauge(
+            "enclave_model_version_weight", "Each serving version's traffic weight (percent) "
+            "as the gateway routes now: the manifest's split, or a rollout's.",
+            ["model", "version"], registry=r, multiprocess_mode="livemax")
+        self.rollout_transitions = Counter(
+            "enclave_rollout_transitions", "Rollout state changes made by this gateway's "
+            "controller, by the state entered.", ["model", "state"], registry=r)
+        self.rollouts_finished = Counter(
+            "enclave_rollouts_finished", "Rollouts ended, by outcome (promoted, rolled_back, "
+            "failed) and trigger (automatic: the controller decided; manual: an operator).",
+            ["model", "outcome", "trigger"], registry=r)
         self.model_replicas = Gauge(
             "enclave_model_replicas", "Replicas known for the model.", ["model"], registry=r,
             multiprocess_mode="livemostrecent")
@@ -173,6 +188,10 @@ class GatewayMetrics:
             self._child(self.budget_exhausted, model)
             self._child(self.affinity, model, "hit")
             self._child(self.idempotent_replays, model)
+            for outcome in ("promoted", "rolled_back", "failed"):
+                for trigger in ("automatic", "manual"):
+                    self._child(self.rollouts_finished, model, outcome, trigger)
+            self._child(self.rollout_transitions, model, "canary")
             for replica in replicas:
                 self._child(self.attempts, model, replica, "ok")
                 self._child(self.ejections, model, replica, "engine_5xx")

@@ -42,6 +42,12 @@ def _default_models_dir() -> Path:
     return here if here.is_dir() else Path("models")
 
 
+def _default_evals_dir() -> Path:
+    # The repository's evals/ when running from a checkout; otherwise ./evals.
+    here = Path(__file__).resolve().parent.parent / "evals"
+    return here if here.is_dir() else Path("evals")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ENCLAVE_", extra="ignore")
 
@@ -69,6 +75,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=_default_data_dir)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     models_dir: Path = Field(default_factory=_default_models_dir)
+    evals_dir: Path = Field(
+        default_factory=_default_evals_dir, description="Evaluation sets (`enclave eval`): "
+        "one folder of *.jsonl files per set")
+    model_store: Path | None = Field(
+        None, description="Imported weights (`enclave models import`), kept by content: "
+        "<model_store>/sha256/ and one folder of links per version in <model_store>/versions/; "
+        "default <data_dir>/model-store. Not a cache: imported versions are served from it")
     engine_env: Path | None = Field(
         None, description="The engines' virtualenv (vLLM); default <cache_dir>/engine-venv. "
         "An image sets it to a read-only path built in")
@@ -78,6 +91,15 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(True, description="Apply schema migrations at start.")
     policies_file: Path = Field(default_factory=_default_policies_file)
     policy_reload_interval_s: float = Field(2.0, gt=0)
+    manifest_reload_interval_s: float = Field(
+        2.0, gt=0, description="How often the gateway and the supervisor look for a new or "
+        "changed manifest in models_dir (a bad one is refused; the running set stays)")
+    rollout_controller: bool = Field(
+        True, description="This gateway may run rollouts (the one holding the lease in the "
+        "state database acts; the others stand by)")
+    rollout_follow_interval_s: float = Field(
+        1.0, gt=0, le=10, description="How often the gateway reads the rollouts' weights "
+        "and writes its analysis counts")
     redis_url: str | None = Field(
         None, description="redis://host:port/db: rate limits shared by every gateway")
     reservation_ttl_s: float = Field(
@@ -258,6 +280,10 @@ class Settings(BaseSettings):
     @property
     def resolved_audit_signing_key_file(self) -> Path:
         return self.audit_signing_key_file or self.data_dir / "audit-signing.key"
+
+    @property
+    def model_store_dir(self) -> Path:
+        return self.model_store or self.data_dir / "model-store"
 
     @property
     def engine_env_dir(self) -> Path:

@@ -11,8 +11,10 @@ from serving.cli.admin import db, oauth, policies, usage
 from serving.cli.audit_trail import audit
 from serving.cli.bench import bench, bench_protection
 from serving.cli.clients import clients
+from serving.cli.evals import evals
 from serving.cli.keys import keys
 from serving.cli.models import models
+from serving.cli.rollouts import rollout
 from serving.cli.up import engines, gateway, up
 
 
@@ -33,6 +35,8 @@ cli.add_command(audit)
 cli.add_command(oauth)
 cli.add_command(db)
 cli.add_command(models)
+cli.add_command(rollout)
+cli.add_command(evals)
 cli.add_command(bench)
 cli.add_command(bench_protection)
 cli.add_command(exporter)

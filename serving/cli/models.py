@@ -1,8 +1,9 @@
-"""`enclave models`: build the demo model, list the manifests."""
+"""`enclave models`: build the demo model, list the manifests, import and verify weights."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,8 +14,10 @@ from rich.table import Table
 from serving.cli.common import console, fail, load_settings, stdout
 from serving.domain.manifest import ManifestError
 from serving.engines.environment import EngineEnvironment
-from serving.engines.sources import build_demo, model_cache
+from serving.engines.sources import build_demo, model_cache, resolve_model_dir
+from serving.engines.store import StoreError, hash_tree, import_tree, verify_tree
 from serving.settings import Settings
+from serving.storage.manifest_edit import add_version
 from serving.storage.manifests import load_manifests
 
 
@@ -90,10 +93,88 @@ def list_() -> None:
         manifests = load_manifests(settings.models_dir)
     except ManifestError as exc:
         fail(str(exc))
-    table = Table("model", "task", "version", "traffic", "port", "source")
+    table = Table("model", "task", "version", "state", "traffic", "port", "source")
     for m in manifests:
-        for dep in m.deployments():
+        for dep in m.all_deployments():
             src = dep.version.source
-            table.add_row(m.name, m.task, dep.version.name, f"{dep.weight}%",
-                          str(dep.port), f"{src.kind}:{src.package or ''}{src.path}")
+            where = f"{src.package}/{src.path}" if src.package else src.path
+            table.add_row(m.name, m.task, dep.version.name, dep.version.state, f"{dep.weight}%",
+                          str(dep.port), f"{src.kind}:{where}")
     stdout.print(table)
+
+
+@models.command("import")
+@click.argument("name")
+@click.option("--from", "src", required=True, type=click.Path(path_type=Path, exists=True,
+              file_okay=False), help="The weights directory (a Hugging Face snapshot as is).")
+@click.option("--version", "version", required=True, help="The new version's name (v2).")
+@click.option("--revision", default=None, help="Where the weights come from (a commit, a "
+              "training run); default the import's first 12 hex of the weights' digest.")
+def import_cmd(name: str, src: Path, version: str, revision: str | None) -> None:
+    """Hash every file of a weights directory, keep the files in the content-addressed model
+    store, and add the version to the model's manifest (traffic 0) with its sha256 table."""
+    settings = load_settings()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("hashing", total=None)
+        try:
+            sums = hash_tree(src, lambda done, total: bar.update(task, completed=done,
+                                                                  total=total))
+        except StoreError as exc:
+            fail(str(exc))
+    try:
+        manifest = next(m for m in load_manifests(settings.models_dir) if m.name == name)
+    except (ManifestError, StopIteration):
+        fail(f"no valid manifest for model '{name}' in {settings.models_dir}")
+    existing = next((v for v in manifest.versions if v.name == version), None)
+    if existing is not None:
+        if existing.sha256 == sums:
+            stdout.print(f"{name}@{version} is already imported with these bytes", markup=False)
+            return
+        fail(f"{name}@{version} exists with other bytes: choose another version name")
+    dest = settings.model_store_dir / "versions" / name / version
+    try:
+        import_tree(src, sums, settings.model_store_dir, dest)
+        whole = hashlib.sha256("".join(sorted(sums.values())).encode()).hexdigest()
+        entry = add_version(settings.models_dir, name, version, dest, revision or whole[:12],
+                            sums)
+    except (StoreError, ManifestError) as exc:
+        fail(str(exc))
+    if entry["engine"].get("devices"):
+        console.print(f"[yellow]note:[/] {version}'s engine was copied with the serving "
+                      f"version's devices {entry['engine']['devices']}: if those GPUs cannot "
+                      f"hold both versions, give {version} devices of its own in "
+                      f"{settings.models_dir / (name + '.yaml')} before the rollout")
+    stdout.print(f"imported {name}@{version}: {len(sums)} files, engine port "
+                 f"{entry['engine']['port']}, staged (traffic 0, no engine until a rollout starts "
+                 f"it: enclave rollout start {name} {version})", markup=False)
+
+
+@models.command("verify")
+@click.argument("target")
+def verify_cmd(target: str) -> None:
+    """Check a model's versions (NAME) or one (NAME@VERSION) against their pinned sha256."""
+    settings = load_settings()
+    name, _, only = target.partition("@")
+    try:
+        manifest = next(m for m in load_manifests(settings.models_dir) if m.name == name)
+    except (ManifestError, StopIteration):
+        fail(f"no valid manifest for model '{name}' in {settings.models_dir}")
+    deps = [d for d in manifest.all_deployments() if not only or d.version.name == only]
+    if not deps:
+        fail(f"{name} has no version '{only}'")
+    env = None
+    failed = False
+    for dep in deps:
+        if dep.version.source.kind == "python-package" and env is None:
+            env = ensure_engine_env(settings)
+        directory = resolve_model_dir(dep, settings.cache_dir, env)  # type: ignore[arg-type]
+        try:
+            verify_tree(directory, dep.version.sha256)
+        except StoreError as exc:
+            failed = True
+            stdout.print(f"{dep.model}@{dep.version.name}: FAILED: {exc}", markup=False)
+            continue
+        stdout.print(f"{dep.model}@{dep.version.name}: ok ({len(dep.version.sha256)} files)",
+                     markup=False)
+    if failed:
+        raise SystemExit(1)

@@ -16,6 +16,7 @@ from serving import server
 from serving.engines.control import READ_ONLY, ControlServer, events_path, socket_path
 from serving.engines.supervisor import Supervisor
 from serving.settings import Settings
+from serving.storage.manifest_watch import ManifestWatcher
 
 log = logging.getLogger("enclave.gateway")
 
@@ -61,6 +62,9 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
                 await control.close()
             return 1
         tasks.append(asyncio.create_task(gateway.serve(sockets=sockets)))
+    watcher: asyncio.Task[None] | None = None
+    if supervisor is not None:  # it follows the manifests (the gateway's watcher: lifespan)
+        watcher = asyncio.create_task(_watch_manifests(settings, supervisor).run())
 
     async def announce() -> None:
         if supervisor is not None and not await supervisor.wait_healthy(ready_timeout_s):
@@ -74,6 +78,10 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
     announcer.cancel()
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     code = 0
     if gateway is not None:
         gateway.should_exit = True
@@ -88,3 +96,12 @@ async def run(settings: Settings, app: FastAPI | None, supervisor: Supervisor | 
         await control.close()
     stopper.cancel()
     return code
+
+
+def _watch_manifests(settings: Settings, supervisor: Supervisor) -> ManifestWatcher:
+    """Each valid new set of manifests reaches the supervisor: new versions' engines start,
+    retired ones drain; the first look hands it the set it runs (nothing to do)."""
+    return ManifestWatcher(
+        settings.models_dir,
+        lambda manifests: supervisor.update([d for m in manifests for d in m.deployments()]),
+        settings.manifest_reload_interval_s)

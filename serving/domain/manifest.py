@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.domain.rollout import RolloutPolicy
+
 NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 # Engine flags the supervisor owns: a manifest must not move the engine off loopback or expose
 # vLLM's development endpoints.
@@ -40,6 +42,9 @@ FORBIDDEN_ENGINE_ENV = frozenset({
 })
 
 Task = Literal["chat", "embed"]
+# serving: its engines run and it may take traffic; staged: imported, engines not started (a
+# rollout starts them); retired: rolled back or replaced, engines stopped.
+VersionState = Literal["serving", "staged", "retired"]
 ENDPOINTS_BY_TASK: dict[str, frozenset[str]] = {
     "chat": frozenset({"chat", "completions"}),
     "embed": frozenset({"embeddings"}),
@@ -187,6 +192,7 @@ class Version(BaseModel):
     revision: str
     sha256: dict[str, str] = Field(default_factory=dict)
     engine: Engine
+    state: VersionState = "serving"
 
     @field_validator("sha256")
     @classmethod
@@ -223,6 +229,7 @@ class Manifest(BaseModel):
     versions: list[Version] = Field(min_length=1)
     traffic: dict[str, int]
     routing: Routing = Field(default_factory=Routing)
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
 
     @property
     def prefix_affinity(self) -> bool:
@@ -239,9 +246,21 @@ class Manifest(BaseModel):
             raise ValueError(f"traffic names unknown versions: {sorted(unknown)}")
         if any(w < 0 for w in self.traffic.values()) or sum(self.traffic.values()) != 100:
             raise ValueError("traffic weights must be non-negative and add up to 100")
+        idle = sorted(v.name for v in self.versions
+                      if v.state != "serving" and self.traffic.get(v.name, 0) > 0)
+        if idle:
+            raise ValueError(f"versions {idle} have traffic but are not in state 'serving'")
         return self
 
+    def version(self, name: str) -> Version | None:
+        return next((v for v in self.versions if v.name == name), None)
+
     def deployments(self) -> list[Deployment]:
+        """The versions in state ``serving``: the ones with engines and routes."""
+        return [d for d in self.all_deployments() if d.version.state == "serving"]
+
+    def all_deployments(self) -> list[Deployment]:
+        """Every version, staged and retired ones too."""
         return [Deployment(model=self.name, task=self.task, version=v,
                            weight=self.traffic.get(v.name, 0)) for v in self.versions]
 

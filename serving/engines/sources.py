@@ -34,23 +34,23 @@ def build_demo(env: EngineEnvironment, out: Path,
                on_progress: Callable[[int, int, str], None], seed: int = 0) -> dict[str, str]:
     """Run the builder in the engine environment; return the checksums of what it wrote."""
     tmp = out.with_name(out.name + ".partial")
-    proc = subprocess.Popen(
-        [str(env.python), str(BUILDER), str(tmp), "--seed", str(seed)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-             "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
-             "PATH": "/usr/bin:/bin"})
-    assert proc.stdout is not None and proc.stderr is not None
-    files: dict[str, str] = {}
-    for line in proc.stdout:
-        event = json.loads(line)
-        if "step" in event:
-            on_progress(event["step"], event["of"], event["what"])
-        elif "done" in event:
-            files = event["files"]
-    err = proc.stderr.read()
-    if proc.wait() != 0:
-        raise RuntimeError(f"building the demo model failed:\n{err[-2000:]}")
+    with subprocess.Popen(
+            [str(env.python), str(BUILDER), str(tmp), "--seed", str(seed)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                 "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+                 "PATH": "/usr/bin:/bin"}) as proc:  # the pipes closed whatever happens
+        assert proc.stdout is not None and proc.stderr is not None
+        files: dict[str, str] = {}
+        for line in proc.stdout:
+            event = json.loads(line)
+            if "step" in event:
+                on_progress(event["step"], event["of"], event["what"])
+            elif "done" in event:
+                files = event["files"]
+        err = proc.stderr.read()
+        if proc.wait() != 0:
+            raise RuntimeError(f"building the demo model failed:\n{err[-2000:]}")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

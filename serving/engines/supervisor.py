@@ -14,6 +14,11 @@ that need to map processes to replicas (the GPU exporter, tests), and serves a c
 (``control.py``): gateways watching it learn at once when a replica starts, becomes healthy,
 starts draining or exits; operators drain a replica (no new requests, stopped once the engine
 has nothing left to do) and start it again.
+
+Each replica is an ``EngineProcess`` (``process``: its command line, environment and weights
+check). The set of deployments can change while it runs (``update``, from the manifests):
+``reconcile.LiveReplicas``, which a ``Supervisor`` is, starts what is new and drains what is
+no longer wanted, never restarting a replica that stays.
 """
 
 from __future__ import annotations
@@ -21,21 +26,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import json
 import logging
 import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from serving.domain.manifest import FORBIDDEN_ENGINE_ENV, Deployment
+from serving.domain.manifest import Deployment
 from serving.engines import vllm_metrics
 from serving.engines.environment import EngineEnvironment
+from serving.engines.process import EngineProcess
+from serving.engines.process import WeightsError as WeightsError  # re-exported
+from serving.engines.process import verify_weights as verify_weights  # re-exported
+from serving.engines.reconcile import LiveReplicas
 
 log = logging.getLogger("enclave.supervisor")
 
@@ -45,38 +52,6 @@ STABLE_AFTER_S = 60.0  # an engine healthy this long has its backoff reset
 STOP_GRACE_S = 15.0  # past the engine's own --shutdown-timeout
 _BUSY = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 DRAIN_SETTLE_S = 1.0  # gateways have stopped picking a draining replica by then
-# Environment for every engine: offline, and no usage statistics sent anywhere.
-ENGINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-    "VLLM_CONFIGURE_LOGGING": "1",
-    "PYTHONUNBUFFERED": "1",
-}
-# On CPU hosts: vLLM's default pins every engine's compute thread to the same core and reserves
-# the other for "everything else"; with two engines on a small host that starves the API
-# servers, and streams arrive in one burst at the end. One unpinned thread per engine streams
-# token by token (measured on 2 cores: first of 600 tokens at ~0.1 s instead of 1-3.5 s).
-CPU_ENGINE_ENV = {
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "OMP_NUM_THREADS": "1",
-}
-
-
-# Never passed to an engine: the gateway's secrets and settings, and the gateway's virtualenv.
-_WITHHELD_PREFIXES = ("ENCLAVE_", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
-
-
-def engine_environment(extra: dict[str, str], gpu: bool = False) -> dict[str, str]:
-    # Nor what would open an engine's development endpoints, whoever's shell set it.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_WITHHELD_PREFIXES) and k not in FORBIDDEN_ENGINE_ENV}
-    return {**env, **ENGINE_ENV, **({} if gpu else CPU_ENGINE_ENV), **extra}
-
-
-class WeightsError(RuntimeError):
-    """Weights missing or not matching their pinned checksum."""
 
 
 def describe_exit(returncode: int) -> str:
@@ -88,22 +63,6 @@ def describe_exit(returncode: int) -> str:
     return f"exited with code {returncode}"
 
 
-def verify_weights(directory: Path, sha256: dict[str, str]) -> None:
-    if not directory.is_dir():
-        raise WeightsError(f"model directory {directory} does not exist")
-    for name, expected in sorted(sha256.items()):
-        path = directory / name
-        if not path.is_file():
-            raise WeightsError(f"{path} is missing")
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            raise WeightsError(f"{path}: sha256 {digest.hexdigest()} does not match the "
-                               f"manifest's {expected}")
-
-
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     # If the supervisor is killed outright, its engines must not linger holding ports and RAM.
     with contextlib.suppress(OSError, AttributeError):
@@ -112,81 +71,39 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     os.setsid()
 
 
-@dataclass(eq=False)
-class EngineProcess:
-    """One local replica of a deployment."""
-
-    deployment: Deployment
-    index: int
-    port: int
-    devices: str | None
-    model_dir: Path
-    host: str
-    log_path: Path
-    # starting | healthy | draining | backoff | held (drained, stopped until started) | stopped
-    state: str = "stopped"
-    pid: int | None = None
-    restarts: int = 0
-    last_exit: str | None = None
-    proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
-    held: bool = False
-    terminating: bool = False  # SIGTERM sent: the engine is finishing its requests
-    resume: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.deployment.replica_name(self.index)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def command(self, python: Path) -> list[str]:
-        engine = self.deployment.version.engine
-        return [
-            str(python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir),
-            "--served-model-name", self.deployment.model,
-            "--host", self.host, "--port", str(self.port),
-            "--max-model-len", str(engine.max_model_len),
-            "--shutdown-timeout", str(engine.shutdown_timeout_s),
-            *engine.args,
-        ]
-
-    def environment(self, gpu: bool) -> dict[str, str]:
-        extra = dict(self.deployment.version.engine.env)
-        if self.devices is not None:
-            extra["CUDA_VISIBLE_DEVICES"] = self.devices
-        return engine_environment(extra, gpu=gpu)
-
-    def status(self) -> dict[str, object]:
-        return {"replica": self.name, "deployment": self.deployment.name,
-                "model": self.deployment.model, "version": self.deployment.version.name,
-                "pid": self.pid, "port": self.port, "url": self.url, "devices": self.devices,
-                "state": self.state, "restarts": self.restarts, "last_exit": self.last_exit}
-
-
 def state_file(run_dir: Path) -> Path:
     """Where the supervisor publishes its engines' state (the exporter and the CLI read it)."""
     return run_dir / "engines.json"
 
 
-class Supervisor:
+class Supervisor(LiveReplicas):
+    """Every local replica, kept alive; drained and stopped on request; the set follows the
+    manifests (``update``: ``reconcile.LiveReplicas``)."""
+
     def __init__(self, deployments: list[Deployment], env: EngineEnvironment,
                  resolve_dir: Callable[[Deployment], Path], run_dir: Path,
                  host: str = "127.0.0.1") -> None:
         self.env = env
         self.run_dir = run_dir
+        self.host = host
+        self._resolve_dir = resolve_dir
         self.engines: list[EngineProcess] = []
         for dep in deployments:
             model_dir = resolve_dir(dep)
             for index, port, devices in dep.version.engine.local_replicas():
-                name = dep.replica_name(index).replace("/", "-")
-                self.engines.append(EngineProcess(dep, index, port, devices, model_dir, host,
-                                                  run_dir / "logs" / f"{name}.log"))
+                self.engines.append(self._engine(dep, index, port, devices, model_dir))
+        self._at_start = list(self.engines)  # what ``wait_healthy`` waits for
         self._stopping = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._tasks: dict[EngineProcess, asyncio.Task[None]] = {}  # each one's keep-alive
         self._listeners: set[Callable[[dict[str, object]], None]] = set()
+        super().__init__()
+
+    def _engine(self, dep: Deployment, index: int, port: int, devices: str | None,
+                model_dir: Path) -> EngineProcess:
+        name = dep.replica_name(index).replace("/", "-")
+        return EngineProcess(dep, index, port, devices, model_dir, self.host,
+                             self.run_dir / "logs" / f"{name}.log")
 
     @property
     def state_file(self) -> Path:
@@ -211,13 +128,20 @@ class Supervisor:
     async def start(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._write_state()
-        self._tasks = [asyncio.create_task(self._keep_alive(e), name=f"engine-{e.name}")
-                       for e in self.engines]
+        self._started = True
+        self._at_start = list(self.engines)
+        self._tasks = {e: self._spawn(e) for e in self.engines}
+
+    def _spawn(self, engine: EngineProcess) -> asyncio.Task[None]:
+        return asyncio.create_task(self._keep_alive(engine), name=f"engine-{engine.name}")
 
     async def wait_healthy(self, timeout_s: float) -> bool:
+        """Every replica there at start (and still wanted) is healthy, the held ones aside;
+        one added later is not waited for."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if all(e.state == "healthy" for e in self.engines if not e.held):
+            if all(e.state == "healthy" for e in self._at_start
+                   if not e.held and e in self.engines):
                 return True
             await asyncio.sleep(0.5)
         return False
@@ -226,13 +150,17 @@ class Supervisor:
         """Stop every replica: gateways are told first (no new requests), then each engine
         gets SIGTERM and its --shutdown-timeout to finish what it has."""
         self._stopping.set()
+        for task in list(self._retiring.values()):  # their engines are stopped below
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for engine in self.engines:
             if engine.state == "healthy":
                 self._set(engine, "draining")
         await asyncio.gather(*(self._terminate(e) for e in self.engines))
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
-        for task in self._tasks:
+        for task in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._write_state()
@@ -264,7 +192,7 @@ class Supervisor:
         engine = self.replica(name)
         if engine is None:
             raise LookupError(name)
-        if engine.held:
+        if engine.held and engine not in self._retiring:  # a retiring one stays stopped
             engine.held = False
             engine.resume.set()
             self._set(engine, "starting")

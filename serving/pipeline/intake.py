@@ -25,6 +25,7 @@ from serving.domain.policy import Policy
 from serving.domain.principal import Principal
 from serving.errors import InvalidRequest, ModelNotFound, UnsupportedParameter
 from serving.protection.protector import Inspection, Protector
+from serving.upstream import split
 from serving.upstream.affinity import Prefix
 from serving.upstream.pool import EnginePool, ModelRoute, VersionGroup
 
@@ -41,6 +42,7 @@ class ParsedRequest:
     n: int = 1  # choices per prompt: a stream's choice index // n is its prompt
     affinity: Prefix | None = None  # the prompt's prefix, for prefix affinity
     request: Request | None = None  # as validated: a fallback model's body is made from it
+    bucket: int | None = None  # the conversation's version bucket, when versions split traffic
 
     def body_for(self, model: str) -> bytes:
         """The same request for another model (a fallback)."""
@@ -174,6 +176,8 @@ def prepare(raw: bytes, endpoint: str, principal: Principal, policy: Policy, poo
     inspection = protector.inspect(policy, request, decisions, deadline)
     ctx.request_text = inspection.request_text
     parsed = finish(request, endpoint, route, pinned)
+    if pinned is None and route.split():
+        parsed.bucket = split.bucket(ctx.client_id, request)
     ctx.stream = parsed.stream
     bounds = cost.prompt_bounds(request, len(parsed.body), route.max_model_len)
     return Prepared(request, parsed, inspection, bounds)

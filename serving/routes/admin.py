@@ -227,14 +227,23 @@ async def usage(request: Request, _: Admin,
 
 
 @router.get("/engines")
-async def list_engines(pool: Pool, _: Admin) -> JSONResponse:
+async def list_engines(request: Request, pool: Pool, _: Admin) -> JSONResponse:
     """Every replica this gateway routes to, with its state (ready, down, ejected, half_open,
-    draining, removed), in-flight count, ejection and the engine's reported load."""
+    draining, removed), in-flight count, ejection and the engine's reported load; each
+    model's weights as routed now; when the manifests were last applied, and the last one
+    refused (file and field)."""
+    watcher = services(request.scope).manifests
     return JSONResponse({"data": [e.status() for e in pool.engines],
                          "models": {name: {"ready": route.ready(),
                                            "retry_budget": round(route.budget.tokens, 2),
-                                           "prefix_affinity": route.prefixes is not None}
-                                    for name, route in sorted(pool.routes.items())}})
+                                           "prefix_affinity": route.prefixes is not None,
+                                           "weights": {v.deployment.version.name:
+                                                       route.weight_of(v)
+                                                       for v in route.versions},
+                                           "rollout": route.canary}
+                                    for name, route in sorted(pool.routes.items())},
+                         "manifests": {"applied_at": watcher.applied_at,
+                                       "refused": watcher.last_error}})
 
 
 def _targets(pool: PoolT, name: str) -> list[Replica]:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,9 +30,11 @@ _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}
 
 class RequestMiddleware:
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics, access_log: bool = True,
-                 audit: AuditTrail | None = None) -> None:
+                 audit: AuditTrail | None = None,
+                 observers: Sequence[Callable[[Outcome], None]] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.observers = tuple(observers)  # each request's outcome, once it ended
         self.audit = audit
         self.access_log = access_log
 
@@ -79,6 +82,8 @@ class RequestMiddleware:
             if audit is not None and outcome is None:  # the client left, or the request failed
                 await audit.record(build_record(final), wait=False)
             self.metrics.observe(final)
+            for observe in self.observers:
+                observe(final)
             if self.access_log and final.endpoint not in QUIET:
                 logs.access(logs.access_fields(final, scope["method"], path))
             request_id_var.reset(token)

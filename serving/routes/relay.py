@@ -107,7 +107,7 @@ class RelayResponse(Response):
         fallbacks = [(route, partial(p.body_for, route.name)) for route in self.fallbacks]
         attempt = await self.upstream.open(
             p.route, PATHS[p.endpoint], p.body, ctx, stream=p.stream, pinned=p.pinned,
-            prefix=p.affinity, fallbacks=fallbacks, span=self.span)
+            prefix=p.affinity, bucket=p.bucket, fallbacks=fallbacks, span=self.span)
         replica, response = attempt.replica, attempt.response
         ctx.engine = replica.name
         ctx.version = replica.deployment.version.name
@@ -220,12 +220,15 @@ class RelayResponse(Response):
                                    "upstream_error", "engine_stream_broken")
 
     def _served(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """When a fallback model answered, the client is told which (the body's ``model`` is
-        the engine's own name for it)."""
+        """The version that answered (a rollout's canary or the stable one), and, when a
+        fallback model answered, which (the body's ``model`` is the engine's own name)."""
+        out = headers
+        if self.ctx.version is not None:
+            out = [*out, (b"x-enclave-model-version", self.ctx.version.encode())]
         served = self.ctx.served_model
-        if served is None:
-            return headers
-        return [*headers, (b"x-enclave-served-model", served.encode())]
+        if served is not None:
+            out = [*out, (b"x-enclave-served-model", served.encode())]
+        return out
 
     def _settle(self, acct: StreamAccountant) -> None:
         """The stream's usage, first-token time and kept text, and what the request will be

@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -127,6 +128,69 @@ idempotency_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Index("ix_idempotency_keys_expires", "expires_at"),
+)
+
+# Rollouts (``storage.rollouts``): one row per rollout, its state machine's position and the
+# weights every gateway routes by; ``active_model`` is the model while the rollout is not
+# finished (NULL after), so a model has at most one rollout under way. Times are epoch seconds
+# (the analysis windows are counted from ``step_started``).
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model", String(64), nullable=False),
+    Column("active_model", String(64), nullable=True, unique=True),
+    Column("version", String(64), nullable=False),  # the canary
+    Column("state", String(16), nullable=False),
+    Column("paused", Integer, nullable=False, server_default="0"),
+    Column("step", Integer, nullable=False, server_default="-1"),  # index into steps; -1: none
+    Column("step_started", Float, nullable=True),
+    Column("plan", Text, nullable=False),  # JSON: steps, durations, eval gate, thresholds
+    Column("weights", Text, nullable=True),  # JSON: version -> percent; NULL: the manifest's
+    Column("stable", Text, nullable=False),  # JSON: the stable versions' weights at the start
+    Column("command", String(16), nullable=True),  # pause | resume | promote | abort, pending
+    Column("command_by", String(128), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("detail", Text, nullable=True),  # JSON: the last analysis and the eval reports
+    Column("created_by", String(128), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_rollouts_model", "model", "created_at"),
+)
+rollout_events = Table(
+    "rollout_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", String(32), ForeignKey("rollouts.id"), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("from_state", String(16), nullable=True),
+    Column("to_state", String(16), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("weights", Text, nullable=True),
+    Column("actor", String(128), nullable=False),
+    Column("reason", Text, nullable=True),
+    Index("ix_rollout_events_rollout", "rollout_id", "id"),
+)
+# Each gateway's counts for each version in each analysis window of a rollout's step
+# (``rollouts.recorder``): written by that gateway only, summed by the controller.
+rollout_windows = Table(
+    "rollout_windows",
+    metadata,
+    Column("rollout_id", String(32), primary_key=True),
+    Column("step", Integer, primary_key=True),
+    Column("window", Integer, primary_key=True),
+    Column("version", String(64), primary_key=True),
+    Column("gateway", String(64), primary_key=True),
+    Column("stats", Text, nullable=False),  # JSON: counts and latency histograms
+    Column("updated_at", Float, nullable=False),
+)
+# Leases: the gateway that holds one acts (the rollout controller), the others wait.
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(64), nullable=False),
+    Column("expires_at", Float, nullable=False),
 )
 
 

@@ -26,7 +26,7 @@ def load_manifests(directory: Path) -> list[Manifest]:
     manifests = [load_manifest(p) for p in sorted(directory.glob("*.yaml"))]
     ports: dict[int, str] = {}
     for manifest in manifests:
-        for dep in manifest.deployments():
+        for dep in manifest.all_deployments():  # a staged version's ports are taken too
             for index, port, _ in dep.version.engine.local_replicas():
                 name = dep.replica_name(index)
                 if port in ports:

@@ -117,8 +117,12 @@ class Attempt:
 
 class Upstream:
     def __init__(self, session: aiohttp.ClientSession, pool: EnginePool, metrics: GatewayMetrics,
-                 *, retry_after_s: int, max_attempts: int, first_byte_timeout_s: float) -> None:
+                 *, retry_after_s: int, max_attempts: int, first_byte_timeout_s: float,
+                 on_failed_attempt: Callable[[str, str], None] | None = None) -> None:
         self._session = session
+        # (model, version) of each attempt that failed: a rollout counts the canary's failures
+        # even when a retry elsewhere hid them from the client.
+        self._on_failed = on_failed_attempt
         self._pool = pool
         self._metrics = metrics
         self._retry_after = retry_after_s
@@ -138,7 +142,7 @@ class Upstream:
 
     async def open(self, route: ModelRoute, path: str, body: bytes, ctx: RequestContext, *,
                    stream: bool, pinned: VersionGroup | None = None,
-                   prefix: Prefix | None = None,
+                   prefix: Prefix | None = None, bucket: int | None = None,
                    fallbacks: Sequence[tuple[ModelRoute, Callable[[], bytes]]] = (),
                    span: Span = UNTRACED) -> Attempt:
         """The first attempt that gets its first byte; raises ``GatewayError`` when none
@@ -151,7 +155,7 @@ class Upstream:
         route.budget.deposit()
         remaining = list(fallbacks) if pinned is None else []
         while True:
-            replica, affinity = route.pick(tried, pinned, prefix)
+            replica, affinity = route.pick(tried, pinned, prefix, bucket)
             if affinity is not None:
                 metrics.count_affinity(route.name, affinity)
             if replica is None:
@@ -179,6 +183,8 @@ class Upstream:
                 response, first = await self._attempt(replica, path, body, headers, stream)
             except _Failed as failed:
                 self.release(replica, route, failed.outcome, probe, child)
+                if self._on_failed is not None:
+                    self._on_failed(route.name, replica.deployment.version.name)
                 failure = failed.error(route.name)
                 if not self._may_retry(route, failed.outcome, len(tried)):
                     raise failure from None

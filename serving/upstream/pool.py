@@ -1,10 +1,10 @@
 """Which replicas serve a model, and what state each is in.
 
-Built from the manifests: each model (``ModelRoute``) has versions (``VersionGroup``, one per
-deployment, weighted by the manifest's traffic split), each served by replicas (``Replica``):
-the local ones the supervisor runs (``engine_host:port+i``) and ``endpoints`` elsewhere (an
-address is one replica; a name is re-resolved every few seconds, each private address a
-replica, vanished ones dropped once their requests have ended).
+Built from the manifests (``reconcile``): each model (``routes.ModelRoute``) has versions
+(``VersionGroup``, one per deployment, weighted by the manifest's traffic split), each served
+by replicas (``Replica``): the local ones the supervisor runs (``engine_host:port+i``) and
+``endpoints`` elsewhere (an address is one replica; a name is re-resolved every few seconds,
+each private address a replica, vanished ones dropped once their requests have ended).
 
 Three sources keep the state current, none waiting on another:
 
@@ -19,29 +19,34 @@ replica's ``/metrics`` at most every second for models that use it.
 
 An operator can drain a deployment or one replica on this gateway (the admin API); the
 supervisor drains a replica for every gateway (``enclave engines drain``).
+
+The manifests change while it runs (``update``, from ``storage.manifest_watch``; an
+``EnginePool`` is a ``reconcile.LiveRoutes``): routes, versions and replicas are reconciled in
+place, and what leaves takes no new request at once but keeps the requests it has until they
+end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from serving.domain.manifest import Deployment, Endpoint, Manifest
+from serving.domain.manifest import Endpoint, Manifest
 from serving.engines import control, vllm_metrics
-from serving.upstream import affinity, balancer
+from serving.upstream.reconcile import LiveRoutes, _private, _url_host
 from serving.upstream.replicas import EjectionPolicy, Replica
+from serving.upstream.routes import ModelRoute as ModelRoute  # re-exported
+from serving.upstream.routes import VersionGroup as VersionGroup  # re-exported
 
 log = logging.getLogger("enclave.engines")
 HEALTH_TIMEOUT_S = 5.0
@@ -51,118 +56,21 @@ _WAITING, _KV = "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"
 _DOWN_STATES = frozenset({"starting", "backoff", "exited", "held", "stopped"})
 
 
-@dataclass(slots=True, eq=False)
-class VersionGroup:
-    deployment: Deployment
-    replicas: list[Replica] = field(default_factory=list)
-    ring: affinity.Ring | None = None
+class EnginePool(LiveRoutes):
+    """Every model's replicas and their state; the routes follow the manifests (``update``:
+    ``reconcile.LiveRoutes``)."""
 
-    def ring_of(self) -> affinity.Ring:
-        """The ring over the replicas (rebuilt after the pool changes them: ``ring = None``)."""
-        if self.ring is None:
-            self.ring = affinity.Ring([r.name for r in self.replicas])
-        return self.ring
-
-
-@dataclass(slots=True, eq=False)
-class ModelRoute:
-    name: str
-    task: str
-    max_model_len: int
-    versions: list[VersionGroup] = field(default_factory=list)
-    prefixes: affinity.PrefixMap | None = None  # prefix affinity on
-    engine_load: bool = True
-    budget: balancer.RetryBudget = field(default_factory=balancer.RetryBudget)
-    round_robin: bool = False  # the manifest's balance: round_robin (no load, no affinity)
-    _turn: int = 0
-
-    @property
-    def replicas(self) -> list[Replica]:
-        return [r for v in self.versions for r in v.replicas]
-
-    def version(self, name: str) -> VersionGroup | None:
-        return next((v for v in self.versions if v.deployment.version.name == name), None)
-
-    def ready(self) -> bool:
-        """A replica of a version with traffic is up and not draining (a passive ejection is
-        a replica's passing state, not the model's readiness)."""
-        return any(r.healthy and not (r.draining or r.engine_draining or r.removed)
-                   for v in self.versions if v.deployment.weight > 0 for r in v.replicas)
-
-    def pick(self, tried: Collection[Replica], pinned: VersionGroup | None,
-             prefix: affinity.Prefix | None) -> tuple[Replica | None, str | None]:
-        """A replica for the next attempt (never one in ``tried``), counted as taken; with the
-        affinity result (hit, miss, overloaded) when affinity decided. None: none available."""
-        now = time.monotonic()
-        if pinned is not None:
-            group: VersionGroup | None = pinned
-            candidates = balancer.exclude(pinned.replicas, tried, now)
-        else:
-            groups = []
-            for v in self.versions:
-                if v.deployment.weight > 0:
-                    found = balancer.exclude(v.replicas, tried, now)
-                    if found:
-                        groups.append((v.deployment.weight, found, v))
-            if not groups:
-                return None, None
-            if len(groups) == 1:
-                _, candidates, group = groups[0]
-            else:
-                candidates = balancer.weighted([(w, c) for w, c, _ in groups])
-                group = next(g for _, c, g in groups if c is candidates)
-        if not candidates:
-            return None, None
-        result = None
-        if self.round_robin:
-            self._turn += 1
-            replica = candidates[self._turn % len(candidates)]
-        elif prefix is not None and self.prefixes is not None and len(candidates) > 1:
-            assert group is not None
-            replica, result = balancer.by_affinity(candidates, prefix.keys, self.prefixes,
-                                                   group.ring_of(), now)
-        else:  # one replica to choose from: its prefixes are not recorded (nothing to decide)
-            replica = balancer.two_choices(candidates, now)
-        replica.taken(now)
-        return replica, result
-
-
-class EnginePool:
     def __init__(self, manifests: list[Manifest], engine_host: str = "127.0.0.1", *,
                  ejection: EjectionPolicy | None = None, retry_ratio: float = 0.2,
                  allow_plaintext: bool = False, allow_public: bool = False,
                  resolve_interval_s: float = 5.0) -> None:
-        self.routes: dict[str, ModelRoute] = {}
         self.ejection = ejection or EjectionPolicy()
         self.ssl: ssl.SSLContext | None = None  # for https endpoints (``tls.client_context``)
-        self._allow_plaintext = allow_plaintext
-        self._allow_public = allow_public
         self._resolve_interval_s = resolve_interval_s
-        self._named: list[tuple[VersionGroup, Endpoint]] = []  # endpoints resolved by name
         self._checks: dict[Replica, asyncio.Task[None]] = {}
         self._scrapes: dict[Replica, asyncio.Task[None]] = {}
-        for manifest in manifests:
-            deps = manifest.deployments()
-            route = ModelRoute(
-                name=manifest.name, task=manifest.task,
-                max_model_len=max(d.version.engine.max_model_len for d in deps),
-                prefixes=affinity.PrefixMap() if manifest.prefix_affinity else None,
-                engine_load=manifest.routing.engine_load,
-                round_robin=manifest.routing.balance == "round_robin",
-                budget=balancer.RetryBudget(retry_ratio))
-            for dep in deps:
-                group = VersionGroup(dep)
-                for index, port, _ in dep.version.engine.local_replicas():
-                    group.replicas.append(Replica(dep, dep.replica_name(index),
-                                                  f"http://{_url_host(engine_host)}:{port}"))
-                for endpoint in dep.version.engine.endpoints:
-                    self._check_scheme(endpoint)
-                    if _is_address(endpoint.host):
-                        group.replicas.append(self._remote(dep, endpoint, endpoint.host))
-                    else:
-                        self._named.append((group, endpoint))
-                route.versions.append(group)
-            self.routes[manifest.name] = route
+        super().__init__(manifests, engine_host, retry_ratio=retry_ratio,
+                         allow_plaintext=allow_plaintext, allow_public=allow_public)
 
     @property
     def engines(self) -> list[Replica]:
@@ -176,7 +84,10 @@ class EnginePool:
                      if v.deployment.name == name), None)
 
     def replica(self, name: str) -> Replica | None:
-        return next((r for r in self.engines if r.name == name), None)
+        """The replica of that name; the live one when a removed one (its old URL, still
+        finishing requests) has the same name."""
+        found = [r for r in self.engines if r.name == name]
+        return next((r for r in found if not r.removed), found[0] if found else None)
 
     def set_draining(self, replica: Replica, draining: bool) -> None:
         if replica.draining != draining:
@@ -355,28 +266,19 @@ class EnginePool:
                     group.replicas = [r for r in group.replicas if r not in gone]
                     group.ring = None
                     for replica in gone:
-                        for tasks in (self._checks, self._scrapes):
-                            task = tasks.pop(replica, None)
-                            if task is not None:
-                                task.cancel()
+                        self._unwatch(replica)
+            done = [g for g in route.versions if g in self._retiring and not g.replicas]
+            if done:
+                route.versions = [g for g in route.versions if g not in done]
+                self._retiring.difference_update(done)
+                for group in done:
+                    log.info("version removed", extra={"deployment": group.deployment.name})
 
-    def _remote(self, dep: Deployment, endpoint: Endpoint, address: str) -> Replica:
-        named = not _is_address(endpoint.host)
-        return Replica(dep, f"{dep.name}/{_url_host(address)}:{endpoint.port}",
-                       f"{endpoint.scheme}://{_url_host(address)}:{endpoint.port}",
-                       server_hostname=endpoint.host if named else None)
-
-    def _check_scheme(self, endpoint: Endpoint) -> None:
-        if endpoint.scheme == "http" and not self._allow_plaintext and not _loopback(
-                endpoint.host):
-            raise ValueError(
-                f"engine endpoint {endpoint.url} is plain HTTP: prompts would cross the "
-                "network in clear. Use https:// (ENCLAVE_ENGINE_CA_FILE names the private CA), "
-                "or set ENCLAVE_ALLOW_PLAINTEXT_ENGINES=true inside a closed network")
-        if _is_address(endpoint.host) and not self._allow_public and not _private(
-                endpoint.host):
-            raise ValueError(f"engine endpoint {endpoint.url} is not a private address; set "
-                             "ENCLAVE_ALLOW_REMOTE_ENGINES=true only behind a closed network")
+    def _unwatch(self, replica: Replica) -> None:
+        for tasks in (self._checks, self._scrapes):
+            task = tasks.pop(replica, None)
+            if task is not None:
+                task.cancel()
 
 
 def parse_load(text: bytes) -> tuple[float | None, float | None]:
@@ -398,24 +300,3 @@ def _keep_running(tasks: dict[Replica, asyncio.Task[None]], replica: Replica,
 
 def _sni(replica: Replica) -> dict[str, str]:
     return {"sni_hostname": replica.server_hostname} if replica.server_hostname else {}
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _private(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    return ip.is_private or ip.is_loopback
-
-
-def _loopback(host: str) -> bool:
-    return host == "localhost" or (_is_address(host) and ipaddress.ip_address(host).is_loopback)
-
-
-def _url_host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address

@@ -24,14 +24,20 @@ CHAT_REPLICAS = 2
 class Engines:
     """The engine supervisor (``enclave engines run``) as its own process, as in production."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, replicas: dict[str, int] | None = None,
+                 only: set[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.root = root
         # Two replicas of the chat model: the router, failures and drains are tested on them.
-        self.models_dir = copy_manifests(root / "models", replicas={"demo-chat": CHAT_REPLICAS})
+        self.models_dir = copy_manifests(root / "models",
+                                         replicas=replicas or {"demo-chat": CHAT_REPLICAS})
+        for path in self.models_dir.glob("*.yaml"):
+            if only is not None and path.stem not in only:
+                path.unlink()
         self.data_dir = root / "engines-data"
         self.log_path = root / "supervisor.log"
         self.env = {**os.environ, "ENCLAVE_MODELS_DIR": str(self.models_dir),
-                    "ENCLAVE_DATA_DIR": str(self.data_dir), "ENCLAVE_PEPPER": TEST_PEPPER}
+                    "ENCLAVE_DATA_DIR": str(self.data_dir), "ENCLAVE_PEPPER": TEST_PEPPER,
+                    **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:

@@ -72,7 +72,10 @@ class FaultyEngine:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()  # its self-pipe (a socket pair) with it
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()

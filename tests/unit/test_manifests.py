@@ -94,3 +94,48 @@ def test_source_paths_cannot_escape_the_cache(tmp_path: Path) -> None:
     data["versions"][0]["source"]["path"] = "../../etc"  # type: ignore[index]
     with pytest.raises(ManifestError, match=r"without '\.\.'"):
         load_manifest(write(tmp_path, data))
+
+
+def test_a_manifest_edit_keeps_strings_that_yaml_1_2_would_read_as_numbers(
+        tmp_path: Path) -> None:
+    """A revision or digest like 3311740e6583 is a string to the manifest loader (YAML 1.1);
+    the round-trip editor (ruamel, YAML 1.2) must not turn it into infinity."""
+    from serving.storage.manifest_edit import set_versions
+
+    data = yaml.safe_load((REPO / "models" / "demo-chat.yaml").read_text())
+    v2 = {**data["versions"][0], "name": "v2", "revision": "3311740e6583", "state": "staged",
+          "engine": {**data["versions"][0]["engine"], "port": 8150, "startup_timeout_s": 600.5}}
+    data["versions"].append(v2)
+    data["traffic"]["v2"] = 0
+    (tmp_path / "demo-chat.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    set_versions(tmp_path, "demo-chat", states={"v2": "serving", "v1": "retired"},
+                 traffic={"v2": 100})
+    manifest = load_manifests(tmp_path)[0]
+    assert [(v.name, v.state, v.revision) for v in manifest.versions] == [
+        ("v1", "retired", "seed-0"), ("v2", "serving", "3311740e6583")]
+    assert manifest.versions[1].engine.startup_timeout_s == 600.5
+    assert manifest.traffic == {"v2": 100}
+
+
+def test_an_imported_version_copies_the_serving_versions_engine_not_its_endpoints(
+        tmp_path: Path) -> None:
+    """The last version listed is a retired one served elsewhere (endpoints, no local replica):
+    a new version gets the engine of the one that serves the traffic, on ports of its own, and
+    never the other's endpoints (those engines serve other weights)."""
+    from serving.storage.manifest_edit import add_version
+
+    data = yaml.safe_load((REPO / "models" / "demo-chat.yaml").read_text())
+    v1 = data["versions"][0]
+    v1["engine"]["replicas"] = 2
+    data["versions"].append({**v1, "name": "v0", "state": "retired", "engine": {
+        **v1["engine"], "port": 9100, "replicas": 0,
+        "endpoints": [{"url": "http://127.0.0.1:9999"}]}})
+    (tmp_path / "demo-chat.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    entry = add_version(tmp_path, "demo-chat", "v2", tmp_path / "w", "run-1",
+                        {"model.safetensors": "ab" * 32})
+    assert "endpoints" not in entry["engine"] and entry["engine"]["replicas"] == 2
+    assert entry["engine"]["args"] == v1["engine"]["args"]
+    manifest = load_manifests(tmp_path)[0]
+    v2 = manifest.version("v2")
+    assert v2 is not None and v2.state == "staged" and manifest.traffic["v2"] == 0
+    assert {p for _, p, _ in v2.engine.local_replicas()}.isdisjoint({8101, 8102})

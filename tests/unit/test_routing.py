@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
+from serving.domain.manifest import Manifest
 from serving.storage.manifests import load_manifests
 from serving.upstream.affinity import Prefix
 from serving.upstream.balancer import RetryBudget
@@ -251,3 +254,130 @@ def test_plain_http_off_loopback_is_refused(tmp_path: Path) -> None:
                     endpoints=[{"url": "https://8.8.8.8:8000"}])
     with pytest.raises(ValueError, match="not a private address"):
         EnginePool(load_manifests(path))
+
+
+# -- live manifests (EnginePool.update) ---------------------------------------------------
+
+
+def edit(models: Path, change: Callable[[dict[str, Any]], None], name: str = "demo-chat"
+         ) -> list[Manifest]:
+    """``models/<name>.yaml`` changed by ``change``; the whole set, loaded again."""
+    path = models / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+    return load_manifests(models)
+
+
+def test_an_update_changes_weights_in_place(tmp_path: Path) -> None:
+    pool = pool_of(tmp_path, {"v1": 100, "v2": 0})
+    route = pool.routes["demo-chat"]
+    v1, v2 = up(route)
+    pool.update(edit(tmp_path, lambda d: d.update(traffic={"v1": 50, "v2": 50})))
+    assert route.replicas == [v1, v2] and v1.healthy and v2.healthy  # the same replicas
+    assert [g.deployment.weight for g in route.versions] == [50, 50]
+    assert v2.deployment.weight == 50  # each replica's deployment follows its version's
+    assert {pick(route).name for _ in range(100)} == {v1.name, v2.name}  # type: ignore[union-attr]
+
+
+def test_a_new_version_joins_down_until_it_is_seen_healthy(tmp_path: Path) -> None:
+    def retire_v2(d: dict[str, Any]) -> None:
+        d["versions"][1]["state"] = "retired"
+
+    edit(manifest(tmp_path, {"v1": 100, "v2": 0}), retire_v2)
+    pool = EnginePool(load_manifests(tmp_path))
+    route = pool.routes["demo-chat"]
+    [v1] = up(route)
+
+    def serve_v2(d: dict[str, Any]) -> None:
+        d["versions"][1]["state"] = "serving"
+        d["traffic"] = {"v1": 50, "v2": 50}
+
+    pool.update(edit(tmp_path, serve_v2))
+    group = route.version("v2")
+    assert group is not None and [r.name for r in group.replicas] == ["demo-chat-v2/r0"]
+    [v2] = group.replicas
+    assert not v2.healthy and pool.replica(v2.name) is v2
+    assert {pick(route).name for _ in range(50)} == {v1.name}  # type: ignore[union-attr]
+    pool.apply({"replica": v2.name, "state": "starting"})  # the supervisor starts it
+    pool.apply({"replica": v2.name, "state": "healthy"})
+    assert {pick(route).name for _ in range(100)} == {v1.name, v2.name}  # type: ignore[union-attr]
+
+
+def test_a_retired_version_takes_no_new_request_and_leaves_once_idle(tmp_path: Path) -> None:
+    pool = pool_of(tmp_path, {"v1": 50, "v2": 50})
+    route = pool.routes["demo-chat"]
+    v1, v2 = up(route)
+    v2.in_flight = 1  # a request it is still answering
+
+    def retire_v2(d: dict[str, Any]) -> None:
+        d["versions"][1]["state"] = "retired"
+        d["traffic"] = {"v1": 100}
+
+    pool.update(edit(tmp_path, retire_v2))
+    assert v2.removed and v2.deployment.version.state == "retired"
+    assert {pick(route).name for _ in range(100)} == {v1.name}  # type: ignore[union-attr]
+    assert route.pick((), route.version("v2"), None) == (None, None)  # pinned: nothing either
+    pool._drop_removed()
+    assert route.replicas == [v1, v2]  # its request still runs
+    v2.in_flight = 0
+    pool._drop_removed()
+    assert route.replicas == [v1] and route.version("v2") is None
+
+
+def test_replicas_follow_their_count_and_a_moved_port_is_a_new_replica(tmp_path: Path) -> None:
+    pool = pool_of(tmp_path, {"v1": 100, "v2": 0}, replicas=2)
+    route = pool.routes["demo-chat"]
+    r0, r1, _ = up(route)
+    port = r0.port
+
+    def one_replica(d: dict[str, Any]) -> None:
+        d["versions"][0]["engine"]["replicas"] = 1
+
+    pool.update(edit(tmp_path, one_replica))
+    assert r1.removed and not r0.removed
+    assert {pick(route).name for _ in range(50)} == {r0.name}  # type: ignore[union-attr]
+
+    def moved(d: dict[str, Any]) -> None:
+        d["versions"][0]["engine"]["port"] = port + 10
+
+    pool.update(edit(tmp_path, moved))
+    pool._drop_removed()
+    group = route.versions[0]
+    assert r0.removed and [r.base_url for r in group.replicas] == [
+        f"http://127.0.0.1:{port + 10}"]
+    assert pool.replica(r0.name) is group.replicas[0] and not group.replicas[0].healthy
+    assert group.ring is None
+
+
+def test_a_new_manifest_adds_a_model_and_a_deleted_one_removes_it(tmp_path: Path) -> None:
+    pool = pool_of(tmp_path, {"v1": 100, "v2": 0})
+    data = yaml.safe_load((tmp_path / "demo-chat.yaml").read_text())
+    data["name"] = "demo-two"
+    for i, version in enumerate(data["versions"]):
+        version["engine"]["port"] = 8300 + i
+    (tmp_path / "demo-two.yaml").write_text(yaml.safe_dump(data))
+    pool.update(load_manifests(tmp_path))
+    two = pool.routes["demo-two"]
+    assert [r.name for r in two.replicas] == ["demo-two-v1/r0", "demo-two-v2/r0"]
+    assert not any(r.healthy for r in two.replicas)
+    pool.routes["demo-chat"].replicas[0].in_flight = 1
+    (tmp_path / "demo-chat.yaml").unlink()
+    pool.update(load_manifests(tmp_path))
+    assert set(pool.routes) == {"demo-two"} and pool.route("demo-chat") is None
+    assert pool.replica("demo-chat-v1/r0") is None
+
+
+def test_a_set_with_a_plain_http_endpoint_is_refused_whole(tmp_path: Path) -> None:
+    pool = pool_of(tmp_path, {"v1": 100, "v2": 0})
+    route = pool.routes["demo-chat"]
+    before = [(g.deployment, list(g.replicas)) for g in route.versions]
+
+    def plain(d: dict[str, Any]) -> None:
+        d["traffic"] = {"v1": 50, "v2": 50}
+        d["versions"][1]["engine"]["endpoints"] = [{"url": "http://10.0.0.7:8000"}]
+
+    with pytest.raises(ValueError, match="plain HTTP"):
+        pool.update(edit(tmp_path, plain))
+    assert [(g.deployment, g.replicas) for g in route.versions] == before
+    assert pool.routes == {"demo-chat": route}
