@@ -110,7 +110,11 @@ def list_() -> None:
 @click.option("--version", "version", required=True, help="The new version's name (v2).")
 @click.option("--revision", default=None, help="Where the weights come from (a commit, a "
               "training run); default the import's first 12 hex of the weights' digest.")
-def import_cmd(name: str, src: Path, version: str, revision: str | None) -> None:
+@click.option("--port", type=click.IntRange(1024, 65535), default=None,
+              help="The first replica's port (default: the next ports no manifest uses and "
+              "nothing on this host holds).")
+def import_cmd(name: str, src: Path, version: str, revision: str | None,
+               port: int | None) -> None:
     """Hash every file of a weights directory, keep the files in the content-addressed model
     store, and add the version to the model's manifest (traffic 0) with its sha256 table."""
     settings = load_settings()
@@ -136,7 +140,7 @@ def import_cmd(name: str, src: Path, version: str, revision: str | None) -> None
         import_tree(src, sums, settings.model_store_dir, dest)
         whole = hashlib.sha256("".join(sorted(sums.values())).encode()).hexdigest()
         entry = add_version(settings.models_dir, name, version, dest, revision or whole[:12],
-                            sums)
+                            sums, port)
     except (StoreError, ManifestError) as exc:
         fail(str(exc))
     if entry["engine"].get("devices"):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +84,23 @@ def set_versions(models_dir: Path, model: str, *, states: dict[str, str] | None 
     _write(path, yaml, data)
 
 
+def _bindable(port: int) -> bool:
+    """Nothing on this host listens on (or holds) ``port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def add_version(models_dir: Path, model: str, version: str, source_path: Path, revision: str,
-                sums: dict[str, str]) -> dict[str, Any]:
+                sums: dict[str, str], port: int | None = None) -> dict[str, Any]:
     """Append ``version`` (weights in ``source_path``, pinned by ``sums``) to ``model``'s
     manifest, staged at traffic weight 0, its engine block copied from the version serving
     most of the traffic (local replicas only: engines elsewhere are the operator's to list)
-    and moved to ports no manifest uses. Returns the new version as written. Raises
-    ``ManifestError``."""
+    and moved to ``port`` or else the next ports that no manifest uses and nothing on this host
+    holds. Returns the new version as written. Raises ``ManifestError``."""
     path = models_dir / f"{model}.yaml"
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest for model '{model}'; write one first")
@@ -110,9 +121,15 @@ def add_version(models_dir: Path, model: str, version: str, source_path: Path, r
     if int(engine.get("replicas", 1)) < 1:
         engine["replicas"] = 1
     replicas = int(engine.get("replicas", 1))
-    port = max(used) + 1 if used else int(engine["port"])
-    while any(p in used for p in range(port, port + max(replicas, 1))):
-        port += 1
+    wanted = range(port, port + max(replicas, 1)) if port is not None else None
+    if wanted is not None and any(p in used for p in wanted):
+        raise ManifestError(f"{path}: port {port} is another version's "
+                            f"(ports in use by the manifests: {sorted(used)})")
+    if port is None:  # the next ports no manifest uses and nothing on this host holds now
+        port = max(used) + 1 if used else int(engine["port"])
+        while any(p in used or not _bindable(p)
+                  for p in range(port, port + max(replicas, 1))):
+            port += 1
     engine["port"] = port
     entry = {"name": version, "source": {"kind": "path", "path": str(source_path)},
              "revision": revision, "sha256": dict(sorted(sums.items())), "engine": engine,

@@ -80,10 +80,17 @@ def test_completions_answer(client: OpenAI) -> None:
 
 
 def test_streamed_completions_answer(client: OpenAI) -> None:
+    """All 9 tokens arrive, in one or more events: vLLM merges the deltas its API server has
+    not sent yet when that process falls behind the engine (a busy CPU), so the number of
+    events is not the number of tokens."""
     stream = client.completions.create(model="demo-chat", prompt="Once", max_tokens=9,
-                                       stream=True, extra_body=LONG)
-    texts = [c.choices[0].text for c in stream if c.choices]
-    assert len(texts) == 9
+                                       stream=True, extra_body=LONG,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert texts and "".join(texts).strip()
+    assert usage and usage[-1].completion_tokens == 9
 
 
 def cosine(a: list[float], b: list[float]) -> float:

@@ -38,6 +38,7 @@ from tests.support import (
     GatewayProcess,
     bearer,
     cli,
+    free_ports,
     gateway_settings,
     new_key,
     settings_env,
@@ -177,7 +178,8 @@ def weights(lab: Lab) -> dict[str, Path]:
 
 
 def import_version(lab: Lab, src: Path, version: str) -> None:
-    out = lab.enclave("models", "import", MODEL, "--from", str(src), "--version", version)
+    out = lab.enclave("models", "import", MODEL, "--from", str(src), "--version", version,
+                      "--port", str(free_ports(1)))
     assert out.returncode == 0, out.stderr
     assert lab.version(version)["state"] == "staged"
 

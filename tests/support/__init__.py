@@ -19,6 +19,7 @@ from tests.support.gateway import (
     copy_manifests,
     engineless_gateway,
     free_port,
+    free_ports,
     gateway_settings,
     running_gateway,
     stop_process,
@@ -29,7 +30,8 @@ from tests.support.gateway import (
 __all__ = [
     "ENGINE_START_TIMEOUT_S", "REPO", "TEST_PEPPER", "TEST_POLICIES", "Engines",
     "GatewayProcess", "GatewayServer", "LogCapture", "RecordingProxy", "assert_openai_error",
-    "bearer", "cli", "copy_manifests", "engineless_gateway", "free_port", "gateway_settings",
+    "bearer", "cli", "copy_manifests", "engineless_gateway", "free_port", "free_ports",
+    "gateway_settings",
     "new_key", "running_gateway", "settings_env", "stop_process", "wait_until",
     "write_policies",
 ]
