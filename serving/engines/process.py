@@ -7,12 +7,12 @@ manifest's sha256 before it starts (``verify_weights``). ``supervisor`` runs the
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.domain.manifest import FORBIDDEN_ENGINE_ENV, Deployment
+from serving.engines.store import StoreError, verify_tree
 
 # Environment for every engine: offline, and no usage statistics sent anywhere.
 ENGINE_ENV = {
@@ -49,19 +49,11 @@ class WeightsError(RuntimeError):
 
 
 def verify_weights(directory: Path, sha256: dict[str, str]) -> None:
-    if not directory.is_dir():
-        raise WeightsError(f"model directory {directory} does not exist")
-    for name, expected in sorted(sha256.items()):
-        path = directory / name
-        if not path.is_file():
-            raise WeightsError(f"{path} is missing")
-        digest = hashlib.sha256()
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            raise WeightsError(f"{path}: sha256 {digest.hexdigest()} does not match the "
-                               f"manifest's {expected}")
+    """``store.verify_tree``, as the supervisor's ``WeightsError``."""
+    try:
+        verify_tree(directory, sha256)
+    except StoreError as exc:
+        raise WeightsError(str(exc)) from None
 
 
 @dataclass(eq=False)

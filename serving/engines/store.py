@@ -99,6 +99,8 @@ def import_tree(src: Path, sums: dict[str, str], store: Path, dest: Path) -> Non
 
 def verify_tree(directory: Path, sums: dict[str, str]) -> None:
     """Raise ``StoreError`` naming the first file that is missing or not what was pinned."""
+    if not directory.is_dir():
+        raise StoreError(f"model directory {directory} does not exist")
     for rel, expected in sorted(sums.items()):
         path = directory / rel
         if not path.is_file():
