@@ -154,9 +154,8 @@ def status(model: str | None, as_json: bool, watch: bool) -> None:
         fail(f"model '{model}' has had no rollout")
     record, events = found
     if as_json:
-        stdout.print_json(json.dumps({**record.as_dict(), "events": [
-            {"at": e.at, "from": e.from_state, "to": e.to_state, "step": e.step,
-             "weights": e.weights, "actor": e.actor, "reason": e.reason} for e in events]}))
+        stdout.print_json(json.dumps({**record.as_dict(),
+                                      "events": [e.as_dict() for e in events]}))
         return
     _print(record, events)
 

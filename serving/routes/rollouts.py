@@ -87,9 +87,7 @@ async def rollout_status(model: str, request: Request, _: Admin) -> JSONResponse
     if found is None:
         raise NotFound(f"model '{model[:64]}' has had no rollout", param="model")
     record, events = found
-    return JSONResponse({**record.as_dict(), "events": [
-        {"at": e.at, "from": e.from_state, "to": e.to_state, "step": e.step,
-         "weights": e.weights, "actor": e.actor, "reason": e.reason} for e in events]})
+    return JSONResponse({**record.as_dict(), "events": [e.as_dict() for e in events]})
 
 
 @router.post("/{model}/{command}", status_code=202)

@@ -82,6 +82,10 @@ class RolloutEvent:
     actor: str
     reason: str | None
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "from": self.from_state, "to": self.to_state, "step": self.step,
+                "weights": self.weights, "actor": self.actor, "reason": self.reason}
+
 
 @dataclass(slots=True)
 class WindowRow:
