@@ -15,6 +15,7 @@ consecutive canaries (#2130); no peer verifying weights or gating on an evaluati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import threading
@@ -184,8 +185,10 @@ def import_version(lab: Lab, src: Path, version: str) -> None:
     assert lab.version(version)["state"] == "staged"
 
 
-def in_flight_load(lab: Lab, conversations: int | list[str]) -> tuple[threading.Event, list[Sent],
-                                                          threading.Thread]:
+@contextlib.contextmanager
+def steady_load(lab: Lab, conversations: int | list[str]) -> Iterator[list[Sent]]:
+    """Eight clients sending back to back while the block runs (two seconds of it before the
+    block, two after); every request sent, as it ended."""
     stop = threading.Event()
     results: list[Sent] = []
 
@@ -195,7 +198,13 @@ def in_flight_load(lab: Lab, conversations: int | list[str]) -> tuple[threading.
 
     thread = threading.Thread(target=go, daemon=True)
     thread.start()
-    return stop, results, thread
+    try:
+        time.sleep(2)
+        yield results
+        time.sleep(2)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
 
 
 def spread_conversations(n: int = 256) -> list[str]:
@@ -281,17 +290,11 @@ def test_a_canary_failing_under_traffic_rolls_back_within_one_window(lab: Lab) -
         lab.add_endpoint_version("v2-faulty", faulty.url)
         rollbacks = lab.metric("enclave_rollouts_finished_total", outcome="rolled_back",
                                trigger="automatic")  # the eval gate's rollback counted too
-        stop, sent, thread = in_flight_load(lab, conversations=200)
-        try:
-            time.sleep(2)
+        with steady_load(lab, conversations=200) as sent:
             out = lab.enclave("rollout", "start", MODEL, "v2-faulty", "--steps", "25,100",
                               "--step-duration", "30s", "--no-eval")
             assert out.returncode == 0, out.stderr
             status = lab.wait_state("rolled_back", "promoted", "failed", timeout_s=60)
-            time.sleep(2)
-        finally:
-            stop.set()
-            thread.join(timeout=120)
     finally:
         faulty.stop()
     assert status["state"] == "rolled_back", status["reason"]
@@ -354,17 +357,11 @@ def test_a_gateway_restarted_mid_rollout_resumes_at_the_same_step(lab: Lab) -> N
 def test_rollout_to_v2_under_load_promotes_with_nothing_dropped(
         lab: Lab, weights: dict[str, Path]) -> None:
     import_version(lab, weights["v2"], "v2")
-    stop, sent, thread = in_flight_load(lab, conversations=OPENERS)
-    try:
-        time.sleep(2)
+    with steady_load(lab, conversations=OPENERS) as sent:
         resp = httpx.post(f"{lab.gateway.url}/admin/v1/rollouts", headers=bearer(lab.admin),
                           json={"model": MODEL, "version": "v2"}, timeout=10)
         assert resp.status_code == 201, resp.text
         status = lab.wait_state("promoted", "rolled_back", "failed", timeout_s=400)
-        time.sleep(2)
-    finally:
-        stop.set()
-        thread.join(timeout=120)
     assert status["state"] == "promoted", (status["reason"], status["detail"].get("last_window"))
     failed = [s for s in sent if not s.complete]
     assert not failed, failed[:3]  # 0 failed requests, no stream cut
